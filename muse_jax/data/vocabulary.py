@@ -1,0 +1,68 @@
+"""Vocabularies: a word-level SentencePiece model trained on the shapes grammar, or a user's file.
+
+The embedded default trains its own SentencePiece model (T5's id convention: pad 0, eos 1,
+unk 2) from captions it generates, so nothing is downloaded and every word is one token.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import seqio
+import sentencepiece as spm
+from etils import epath
+
+from muse_jax.data import shapes
+
+
+def _training_captions(num: int = 4000, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    captions = shapes.all_single_object_captions()
+    captions += [shapes.caption(shapes.sample_scene(rng, two_object_prob=1.0)) for _ in range(num)]
+    captions += [" ".join(shapes.vocabulary_words())]
+    return captions
+
+
+def train_shapes_vocabulary(path: str) -> str:
+    """Trains (once) a word-level SentencePiece model covering the grammar; returns its path."""
+    path = epath.Path(path)
+    if path.exists():
+        return os.fspath(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_captions()),
+        model_writer=model,
+        model_type="word",
+        vocab_size=len(shapes.vocabulary_words()) + 3,
+        use_all_vocab=True,  # Every word of the grammar becomes a piece.
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.rename(path)  # Atomic: a concurrent or interrupted run never sees half a model.
+    return os.fspath(path)
+
+
+def get_vocabulary(config, data_dir: str) -> seqio.Vocabulary:
+    """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'."""
+    name = config.data.get("vocabulary", "shapes")
+    if name == "shapes":
+        return seqio.SentencePieceVocabulary(
+            train_shapes_vocabulary(os.path.join(data_dir, "shapes_words.model"))
+        )
+    if name == "byte":
+        return seqio.ByteVocabulary()
+    if not os.path.exists(name):
+        raise FileNotFoundError(
+            f"config.data.vocabulary={name!r} is neither 'shapes', 'byte' nor an existing "
+            "SentencePiece .model file."
+        )
+    return seqio.SentencePieceVocabulary(name)

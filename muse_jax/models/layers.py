@@ -1,0 +1,154 @@
+"""Building blocks shared by the transformers: attention, MLP, norms, all with logical axes.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
+activation a logical constraint, so one rules table (see `muse_jax.parallel`) decides how a model
+shards; the modules themselves never mention a mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def get_dtype(name: str | Dtype) -> Dtype:
+    """Maps a config string to a dtype with a clear error."""
+    if not isinstance(name, str):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def partitioned(init: Callable, *axes: str | None) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense_init() -> Callable:
+    return nn.initializers.xavier_uniform()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a logically partitioned scale and bias."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.LayerNorm(
+            dtype=self.dtype,
+            scale_init=partitioned(nn.initializers.ones, "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+        )(x)
+
+
+class MlpBlock(nn.Module):
+    """Position-wise GELU MLP."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(), "embed", "mlp"),
+            bias_init=partitioned(nn.initializers.zeros, "mlp"),
+            name="wi",
+        )(x)
+        h = nn.gelu(h)
+        h = constrain(h, "batch", "length", "mlp")
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(), "mlp", "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+            name="wo",
+        )(h)
+
+
+class _HeadsProjection(nn.Module):
+    """[..., embed] -> [..., heads, head_dim]."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.DenseGeneral(
+            (self.num_heads, self.head_dim),
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(), "embed", "heads", "kv"),
+            bias_init=partitioned(nn.initializers.zeros, "heads", "kv"),
+        )(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose key/value projection can run on its own.
+
+    `project_kv` is separate so that the sampler computes the text keys/values of every
+    cross-attention layer once per prompt instead of once per decoding step.
+    """
+
+    num_heads: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+        head_dim = self.width // self.num_heads
+        self.query = _HeadsProjection(self.num_heads, head_dim, self.dtype)
+        self.key = _HeadsProjection(self.num_heads, head_dim, self.dtype)
+        self.value = _HeadsProjection(self.num_heads, head_dim, self.dtype)
+        self.out = nn.DenseGeneral(
+            self.width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(), "heads", "kv", "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+        )
+
+    def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[batch, S, C] -> (keys, values), each [batch, S, heads, head_dim]."""
+        k = constrain(self.key(context), "batch", "length", "heads", "kv")
+        v = constrain(self.value(context), "batch", "length", "heads", "kv")
+        return k, v
+
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attends from `x` to precomputed `kv`, or to `x` itself when `kv` is None.
+
+        Args:
+          x: [batch, length, width].
+          kv: optional (keys, values) from `project_kv`, each [batch, S, heads, head_dim].
+          mask: boolean, broadcastable to [batch, heads, length, S]; True where attention is allowed.
+        Returns:
+          [batch, length, width].
+        """
+        if kv is None:
+            kv = self.project_kv(x)
+        k, v = kv
+        q = constrain(self.query(x), "batch", "length", "heads", "kv")
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        return self.out(out)

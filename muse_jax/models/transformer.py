@@ -1,0 +1,189 @@
+"""The masked image-token transformer of Muse (base stage; super-res extends it).
+
+Bidirectional self-attention over image tokens, cross-attention to projected text embeddings,
+and a softmax over the codebook at every position. The [MASK] token is id `vocab_size`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from muse_jax.models import layers
+from muse_jax.models.layers import Dtype, constrain, partitioned
+
+ContextKV = Sequence[tuple[jax.Array, jax.Array]]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    cross_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.self_norm = layers.LayerNorm(self.dtype)
+        self.self_attn = layers.Attention(self.num_heads, self.width, self.dtype)
+        if self.cross_attention:
+            self.cross_norm = layers.LayerNorm(self.dtype)
+            self.cross_attn = layers.Attention(self.num_heads, self.width, self.dtype)
+        self.mlp_norm = layers.LayerNorm(self.dtype)
+        self.mlp = layers.MlpBlock(self.mlp_dim, self.dropout, self.dtype)
+        self.drop = nn.Dropout(self.dropout)
+
+    def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.cross_attn.project_kv(context)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        self_mask: jax.Array | None = None,
+        context_kv: tuple[jax.Array, jax.Array] | None = None,
+        context_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        x = x + self.drop(
+            self.self_attn(self.self_norm(x), mask=self_mask), deterministic=deterministic
+        )
+        if self.cross_attention:
+            mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
+            h = self.cross_attn(self.cross_norm(x), kv=context_kv, mask=mask)
+            x = x + self.drop(h, deterministic=deterministic)
+        x = x + self.drop(
+            self.mlp(self.mlp_norm(x), deterministic=deterministic), deterministic=deterministic
+        )
+        return constrain(x, "batch", "length", "embed")
+
+
+class MaskedTransformer(nn.Module):
+    """Predicts the codebook entry of every image token given partially masked tokens and text.
+
+    Attributes:
+      vocab_size: codebook size; the [MASK] id is `vocab_size`.
+      seq_len: number of image tokens (e.g. 16 * 16).
+    """
+
+    vocab_size: int
+    seq_len: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def setup(self) -> None:
+        self.token_embed = nn.Embed(
+            self.vocab_size + 1,
+            self.width,
+            dtype=self.dtype,
+            embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"),
+        )
+        self.pos_embed = self.param(
+            "pos_embed",
+            partitioned(nn.initializers.normal(0.02), "length", "embed"),
+            (self.seq_len, self.width),
+        )
+        self.context_proj = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+        )
+        self.context_norm = layers.LayerNorm(self.dtype)
+        self.blocks = [
+            Block(self.width, self.num_heads, self.mlp_dim, self.dropout, True, self.dtype)
+            for _ in range(self.depth)
+        ]
+        self.final_norm = layers.LayerNorm(self.dtype)
+        self.head = nn.Dense(
+            self.vocab_size,
+            dtype=self.dtype,
+            kernel_init=partitioned(layers.dense_init(), "embed", "vocab"),
+            bias_init=partitioned(nn.initializers.zeros, "vocab"),
+        )
+
+    def encode_context(self, context: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Projects text embeddings [B, S, C] to every layer's cross-attention (keys, values)."""
+        c = self.context_norm(self.context_proj(context))
+        c = constrain(c, "batch", "length", "embed")
+        return [block.context_kv(c) for block in self.blocks]
+
+    def logits(
+        self,
+        tokens: jax.Array,
+        context_kv: ContextKV,
+        context_mask: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits [B, L, vocab_size] for tokens [B, L] given precomputed text keys/values."""
+        chex.assert_rank(tokens, 2)
+        chex.assert_axis_dimension(tokens, 1, self.seq_len)
+        x = self.token_embed(tokens) + self.pos_embed.astype(self.dtype)[None]
+        x = constrain(x, "batch", "length", "embed")
+        for block, kv in zip(self.blocks, context_kv):
+            x = block(x, context_kv=kv, context_mask=context_mask, deterministic=deterministic)
+        logits = self.head(self.final_norm(x))
+        return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits [B, L, vocab] for tokens [B, L] and text [B, S, C] with mask [B, S]."""
+        chex.assert_equal_shape_prefix((context, context_mask), 2)
+        return self.logits(tokens, self.encode_context(context), context_mask, deterministic)
+
+
+class TinyTextEncoder(nn.Module):
+    """A small trainable text transformer for the embedded default (T5 plugs in instead).
+
+    Returns [B, S, width]; padded positions are zeroed so that downstream code may ignore them.
+    """
+
+    vocab_size: int
+    max_length: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        chex.assert_equal_shape((ids, mask))
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"),
+        )(ids)
+        pos = self.param(
+            "pos_embed",
+            partitioned(nn.initializers.normal(0.02), "length", "embed"),
+            (self.max_length, self.width),
+        )
+        x = x + pos[None, : ids.shape[1]].astype(self.dtype)
+        attn_mask = mask[:, None, None, :].astype(bool)
+        for i in range(self.depth):
+            x = Block(
+                self.width, self.num_heads, self.mlp_dim, 0.0, False, self.dtype, name=f"block_{i}"
+            )(x, self_mask=attn_mask)
+        x = layers.LayerNorm(self.dtype)(x)
+        return (x * mask[..., None]).astype(jnp.float32)
