@@ -37,7 +37,10 @@ def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
         held_out=tuple(d.held_out),
         two_object_prob=d.two_object_prob,
     )
-    builder.download_and_prepare()  # A no-op once built: the config name hashes every parameter.
+    if not builder.is_prepared():
+        print(f"[data] building the shapes dataset in {builder.data_dir} ...", flush=True)
+        tfds.disable_progress_bar()
+        builder.download_and_prepare()  # Once: the config name hashes every parameter.
     return builder
 
 

@@ -1,0 +1,62 @@
+"""Shared plumbing of the binaries: quiet logs, one-line errors for bad flags and inputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+# TensorFlow only feeds data here: keep it off accelerators and quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+
+class UsageError(Exception):
+    """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
+
+
+def check_no_extra_args(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+def _friendly_flag_errors(argv: list[str]) -> list[str]:
+    """Parses flags ourselves so that a bad `--config.a.b` override is one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"' ")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        where = f" in {bad[0].split('=')[0]}" if bad else ""
+        sys.stderr.write(
+            f"error: unknown config key {key!r}{where}; see the config file for valid keys\n"
+        )
+    except OSError as e:
+        path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "?")
+        sys.stderr.write(f"error: cannot load config file {path!r}: {str(e).splitlines()[-1].strip()}\n")
+    except flags.Error as e:
+        msg = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
+        if any("No such file" in m for m in msg):
+            sys.stderr.write(f"error: config file not found: {msg[-1]}\n")
+        else:
+            sys.stderr.write(f"error: {msg[0] if msg else 'bad flags'}\n")
+    sys.exit(2)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """`absl.app.run` with clear one-line errors for flag and user mistakes."""
+
+    def wrapped(argv):
+        logging.set_verbosity(logging.ERROR)
+        try:
+            return main(argv)
+        except (UsageError, FileNotFoundError, ValueError) as e:
+            sys.stderr.write(f"error: {e}\n")
+            return 2
+        except OSError as e:  # config_flags defers a config file's load error to first use.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            sys.stderr.write(f"error: {lines[0]} ({lines[-1]})\n" if lines else f"error: {e}\n")
+            return 2
+
+    app.run(wrapped, flags_parser=_friendly_flag_errors)

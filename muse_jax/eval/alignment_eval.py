@@ -1,0 +1,49 @@
+"""Generates images for prompts and scores them with the pixel alignment checker."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from muse_jax.data import tasks
+from muse_jax.eval import alignment
+from muse_jax.train import summaries
+
+
+@dataclasses.dataclass
+class Generated:
+    images: np.ndarray  # uint8 [N, H, W, 3], prompt-major (samples of one prompt together).
+    captions: list[str]
+    tokens: np.ndarray
+    scores: dict[str, float]
+
+
+def generate(
+    config,
+    workdir: str,
+    sampler,
+    params,
+    prompts: list[str],
+    *,
+    samples_per_prompt: int,
+    seed: int,
+    negative_prompt: str | None = None,
+) -> Generated:
+    """`samples_per_prompt` images for each prompt in one batch, with their alignment scores."""
+    for p in prompts:
+        if not p.strip():
+            raise ValueError("Empty prompt: give a caption, e.g. --prompt='a red circle'.")
+    captions = [p for p in prompts for _ in range(samples_per_prompt)]
+    neg = config.sampling.negative_prompt if negative_prompt is None else negative_prompt
+    ids, mask = tasks.encode_prompts(config, workdir, captions + [neg])
+    neg_ids = np.repeat(ids[-1:], len(captions), 0)
+    neg_mask = np.repeat(mask[-1:], len(captions), 0)
+    out = sampler(params, ids[:-1], mask[:-1], neg_ids, neg_mask, jax.random.PRNGKey(seed))
+    images = summaries.to_uint8(np.asarray(out.images))
+    try:
+        scores = alignment.score(images, captions)
+    except ValueError:  # Prompts outside the shapes grammar cannot be checked.
+        scores = {}
+    return Generated(images=images, captions=captions, tokens=np.asarray(out.tokens), scores=scores)

@@ -1,0 +1,77 @@
+"""What a training stage provides to the shared trainer, and the registry of stages.
+
+A stage is pure functions plus data: `init(rng) -> TrainState` (boxed, with logical axis
+names), `train_step(state, batch, frozen) -> (state, metrics)`, its batches, and its summaries.
+The trainer jits, shards, checkpoints, logs and handles preemption for all of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+from muse_jax.train.state import TrainState
+
+
+class Stage(abc.ABC):
+    name: str = ""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self.stage_dir = os.path.join(workdir, self.name)
+
+    @property
+    def stage_config(self):
+        return self.config[self.name]
+
+    @property
+    def train_config(self):
+        return self.stage_config.train
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array) -> TrainState:
+        """A fresh (boxed) train state; pure, so the trainer can `eval_shape` and shard it."""
+
+    @abc.abstractmethod
+    def train_step(
+        self, state: TrainState, batch: dict[str, jax.Array], frozen: Any
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimisation step; pure and jittable. Metrics are scalars."""
+
+    @abc.abstractmethod
+    def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        """Endless host-local training batches."""
+
+    def frozen(self, mesh, axis_rules) -> Any:
+        """Arrays the step reads but never trains (e.g. the tokenizer for the base stage)."""
+        return None
+
+    def write_summaries(
+        self, state: TrainState, frozen: Any, writer: metric_writers.MetricWriter, step: int
+    ) -> dict[str, float]:
+        """Writes image summaries; returns any evaluation scalars it computed."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Stage]:
+    # Importing here registers the built-in stages without an import cycle.
+    from muse_jax.train import base_stage, tokenizer_stage  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown stage {name!r}; valid: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]

@@ -1,0 +1,207 @@
+"""The one training loop every stage runs through.
+
+Sharded init, a jitted step with donated state, orbax checkpoints (async, keep N, resume from
+the latest), CLU TensorBoard summaries, progress lines with ETA, SIGTERM -> checkpoint and a
+clean exit, and a non-finite loss stops the run with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from muse_jax import parallel
+from muse_jax.train import checkpoints
+from muse_jax.train import stage as stage_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+    stage: str
+    step: int
+    status: str  # "completed" | "preempted" | "time_budget" | "already_done"
+    metrics: dict[str, float]
+    wall_s: float
+
+
+class _Preemption:
+    """Turns SIGTERM (what a TPU VM or scheduler sends before eviction) into a flag."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: no signal handling, training still works.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _is_finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+def save_config(config, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
+    """Runs (or resumes) the stage `stage_name` (default `config.stage`) in `workdir/<stage>`."""
+    t_start = time.time()
+    stage = stage_lib.get(stage_name or config.stage)(config, workdir)
+    tc = stage.train_config
+    os.makedirs(stage.stage_dir, exist_ok=True)
+    save_config(config, stage.stage_dir)
+
+    mesh = parallel.create_mesh(config)
+    axis_rules = parallel.rules(config)
+    rng = jax.random.PRNGKey(config.seed)
+    state, shardings, abstract = parallel.jit_init(stage.init, rng, mesh, axis_rules)
+    ckpt = checkpoints.Checkpointer(
+        checkpoints.checkpoint_dir(stage.stage_dir), keep=tc.keep_checkpoints
+    )
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(abstract)
+        _log(f"[{stage.name}] resumed from checkpoint step {ckpt.latest_step()}")
+    start = int(state.step)
+    num_steps = int(tc.num_steps)
+    if start >= num_steps:
+        _log(f"[{stage.name}] already trained to step {start} >= num_steps {num_steps}; nothing to do")
+        ckpt.close()
+        return TrainResult(stage.name, start, "already_done", {}, time.time() - t_start)
+
+    frozen = stage.frozen(mesh, axis_rules)
+    batch_sharding = parallel.batch_sharding(mesh, axis_rules)
+
+    def step_fn(state, batch, frozen):
+        with nn.logical_axis_rules(list(axis_rules)):
+            return stage.train_step(state, batch, frozen)
+
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    writer = metric_writers.create_default_writer(
+        stage.stage_dir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+    batches = stage.batches(seed=config.seed + start)  # A resumed run does not replay batches.
+
+    _log(f"[{stage.name}] training steps {start} -> {num_steps} in {stage.stage_dir}")
+    status, last_metrics = "completed", {}
+    acc: dict[str, Any] | None = None
+    acc_count = 0
+    t_log, step_log = time.time(), start
+    budget = float(tc.get("time_budget_s", 0.0))
+    step = start
+    with _Preemption() as preemption, mesh:
+        while step < num_steps:
+            batch = parallel.shard_batch(next(batches), batch_sharding)
+            state, metrics = train_step(state, batch, frozen)
+            step += 1
+            acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+            acc_count += 1
+            report(step, time.time())
+
+            stop_reason = None
+            if preemption.requested:
+                stop_reason = "preempted"
+            elif budget > 0 and time.time() - t_start > budget:
+                stop_reason = "time_budget"
+            is_last = step == num_steps or stop_reason is not None
+            save_now = is_last or step % tc.checkpoint_every == 0
+            if step % tc.log_every == 0 or save_now:
+                last_metrics = {k: float(v) / acc_count for k, v in jax.device_get(acc).items()}
+                acc, acc_count = None, 0
+                if not _is_finite(last_metrics):
+                    ckpt.wait()
+                    writer.flush()
+                    raise FloatingPointError(
+                        f"[{stage.name}] non-finite metrics at step {step}: {last_metrics}. "
+                        f"Stopped; the last good checkpoint is step {ckpt.latest_step()}."
+                    )
+                writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
+                now = time.time()
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                shown = " ".join(f"{k}={last_metrics[k]:.4g}" for k in _shown(last_metrics))
+                _log(
+                    f"[{stage.name}] step {step}/{num_steps} {shown} "
+                    f"{rate:.2f} steps/s ETA {_format_eta((num_steps - step) / max(rate, 1e-9))}"
+                )
+            if step % tc.summary_every == 0 or is_last:
+                evals = stage.write_summaries(state, frozen, writer, step)
+                evals = {k: v for k, v in evals.items() if math.isfinite(v)}
+                if evals:
+                    writer.write_scalars(step, evals)
+                    _log(f"[{stage.name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+                    last_metrics.update(evals)
+            if save_now:
+                ckpt.save(step, state)
+            if stop_reason is not None:
+                status = stop_reason
+                _log(f"[{stage.name}] stopping at step {step} ({stop_reason}); checkpoint saved")
+                break
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    return TrainResult(stage.name, step, status, last_metrics, time.time() - t_start)
+
+
+_SHOWN_FIRST = ("loss", "psnr", "masked_accuracy", "codebook_usage")
+
+
+def _shown(metrics: dict[str, float]) -> list[str]:
+    return [k for k in _SHOWN_FIRST if k in metrics]
+
+
+def main_train(config, workdir: str) -> int:
+    """Entry point body shared by the `train` binary; returns a process exit code."""
+    try:
+        result = train(config, workdir)
+    except FloatingPointError as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    _log(f"[{result.stage}] {result.status} at step {result.step} after {result.wall_s:.0f}s")
+    return 0
+
+
+def summary_json(result: TrainResult) -> str:
+    return json.dumps(dataclasses.asdict(result), indent=2, default=lambda o: np.asarray(o).tolist())
