@@ -110,8 +110,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     disc_channels=32,
                 )
             ),
-            restart_dead_codes_every=100,  # 0 disables re-seeding of unused codebook entries.
-            train=_train(batch_size=32, num_steps=1500, lr=1e-3),
+            restart_dead_codes_every=50,  # 0 disables re-seeding of unused codebook entries.
+            train=_train(batch_size=32, num_steps=600, lr=2e-3),
         )
     )
 

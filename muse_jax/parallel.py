@@ -59,20 +59,33 @@ def batch_sharding(mesh: Mesh, axis_rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def jit_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, axis_rules: Rules):
-    """Initialises a (boxed) state directly sharded: no full copy ever sits on one device.
+def abstract_state(
+    init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, axis_rules: Rules
+) -> tuple[Any, Any]:
+    """(abstract unboxed state whose ShapeDtypeStructs carry shardings, shardings); no FLOPs.
 
-    Returns:
-      (state, shardings, abstract_state): the unboxed state, its shardings, and the unboxed
-      abstract state (ShapeDtypeStructs carrying shardings) for checkpoint restores.
+    The abstract state is what orbax restores onto: a checkpoint written on another mesh is
+    resharded to this one.
     """
     with mesh, nn.logical_axis_rules(list(axis_rules)):
         boxed = jax.eval_shape(init_fn, rng)
         shardings = logical_shardings(boxed, mesh, axis_rules)
-        state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
     )
+    return abstract, shardings
+
+
+def jit_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, axis_rules: Rules):
+    """Initialises a (boxed) state directly sharded: no full copy ever sits on one device.
+
+    Returns:
+      (state, shardings, abstract_state): the unboxed state, its shardings, and its abstract
+      state (see `abstract_state`).
+    """
+    abstract, shardings = abstract_state(init_fn, rng, mesh, axis_rules)
+    with mesh, nn.logical_axis_rules(list(axis_rules)):
+        state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings, abstract
 
 

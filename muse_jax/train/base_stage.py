@@ -35,14 +35,20 @@ def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, 
     from muse_jax.train.tokenizer_stage import TokenizerStage
 
     tok_stage = TokenizerStage(config, workdir)
-    with mesh, nn.logical_axis_rules(list(axis_rules)):
-        boxed = jax.eval_shape(tok_stage.init, jax.random.PRNGKey(0))
-        shardings = parallel.logical_shardings(boxed, mesh, axis_rules)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
-    )
+    abstract, _ = parallel.abstract_state(tok_stage.init, jax.random.PRNGKey(0), mesh, axis_rules)
     state, step = checkpoints.load_params(tokenizer_dir(config, workdir), abstract, "tokenizer")
     return state.params["vq"], step
+
+
+def load_for_sampling(config, workdir: str):
+    """(sampler, params, step) from the experiment's latest base and tokenizer checkpoints."""
+    base = BaseStage(config, workdir)
+    mesh = parallel.create_mesh(config)
+    axis_rules = parallel.rules(config)
+    abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
+    state, step = checkpoints.load_params(base.stage_dir, abstract, "base")
+    tok_params, _ = load_tokenizer_params(config, workdir, mesh, axis_rules)
+    return base.sampler, base.sampler_params(state, {"tokenizer": tok_params}), step
 
 
 @stage.register
@@ -52,8 +58,6 @@ class BaseStage(stage.Stage):
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
         self.tokenizer = factory.tokenizer(config)
-        # Building the task prepares the dataset and the vocabulary the text encoder needs.
-        tasks.get_task(config, workdir)
         vocab = vocabulary.get_vocabulary(config, tasks.data_dir(config, workdir))
         self.text_encoder = factory.text_encoder(config, vocab.vocab_size)
         self.transformer = factory.base_transformer(config)

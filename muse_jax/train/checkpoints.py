@@ -64,7 +64,3 @@ def load_params(stage_dir: str, abstract_state: Any, what: str) -> tuple[Any, in
         return ckpt.restore(abstract_state, step), step
     finally:
         ckpt.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

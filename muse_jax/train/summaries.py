@@ -32,3 +32,26 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 def save_png(image: np.ndarray, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
+
+
+def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    """All scalars of the TensorBoard event files in `logdir`: {tag: {step: value}}.
+
+    CLU writes scalars as tensor summaries; both forms are read.
+    """
+    import glob
+
+    import tensorflow as tf
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                if v.HasField("tensor") and not v.tensor.string_val:
+                    value = float(tf.make_ndarray(v.tensor).reshape(-1)[0])
+                elif v.HasField("simple_value"):
+                    value = float(v.simple_value)
+                else:
+                    continue
+                out.setdefault(v.tag, {})[int(event.step)] = value
+    return out

@@ -108,12 +108,12 @@ class TokenizerStage(stage.Stage):
     def _restart_dead_codes(self, params, state, ids, enc, rng):
         k = self.model.codebook_size
         counts = jnp.bincount(ids.reshape(-1), length=k) / ids.size
-        usage = 0.99 * state.extra["usage"] + 0.01 * counts
+        usage = 0.95 * state.extra["usage"] + 0.05 * counts
         every = self.stage_config.restart_dead_codes_every
         if every <= 0:
             return params, usage
         due = (state.step + 1) % every == 0
-        dead = due & (usage < 0.03 / k)
+        dead = due & (usage < 0.1 / k)
         flat = enc.reshape(-1, enc.shape[-1])
         picks = flat[jax.random.randint(rng, (k,), 0, flat.shape[0])]
         cb = params["vq"]["quantizer"]["codebook"]

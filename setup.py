@@ -1,0 +1,40 @@
+"""muse_jax: Muse (masked generative transformers for text-to-image) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="muse_jax",
+    version="0.1.0",
+    description="Muse text-to-image generation (Chang et al., 2023) in JAX/Flax, TPU-native.",
+    packages=find_packages(include=["muse_jax", "muse_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "seqio>=0.0.20",
+        "tensorflow>=2.21",
+        "tensorflow-datasets>=4.9.10",
+        "clu>=0.0.12",
+        "ml-collections>=1.1.0",
+        "chex>=0.1.92",
+        "tensorboard>=2.21",
+        "sentencepiece>=0.2",
+        "numpy",
+        "scipy",
+        "pillow",
+        "absl-py",
+        "etils",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "muse-train=muse_jax.train.__main__:run",
+            "muse-sample=muse_jax.sample:run",
+            "muse-pipeline=muse_jax.pipeline:run",
+        ],
+    },
+)

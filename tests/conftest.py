@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configs and one trained smoke experiment reused by slow tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def smoke_config():
+    from configs import shapes_tiny
+
+    return shapes_tiny.get_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(tmp_path_factory):
+    """A workdir with both stages trained for a few steps on the smoke config."""
+    from configs import shapes_tiny
+    from muse_jax.train import trainer
+
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    config = shapes_tiny.get_config("smoke")
+    trainer.train(config, workdir, "tokenizer")
+    trainer.train(config, workdir, "base")
+    return config, workdir

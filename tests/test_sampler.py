@@ -1,0 +1,96 @@
+"""The Muse sampler on a tiny random model: guidance, negative prompts, fixed tokens, seeds."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax.data import tasks
+from muse_jax.sampling import guidance, parallel_decode
+from muse_jax.train.base_stage import BaseStage
+from muse_jax.train.tokenizer_stage import TokenizerStage
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from configs import shapes_tiny
+
+    config = shapes_tiny.get_config("smoke")
+    workdir = str(tmp_path_factory.mktemp("sampler"))
+    base = BaseStage(config, workdir)
+    tok = TokenizerStage(config, workdir)
+    base_state = nn.unbox(base.init(jax.random.PRNGKey(1)))
+    tok_state = nn.unbox(tok.init(jax.random.PRNGKey(2)))
+    # Sharpen the random model so that prompts matter for the sampled tokens.
+    params = {
+        "transformer": jax.tree.map(lambda x: x * 3, base_state.params["transformer"]),
+        "text_encoder": base_state.params["text_encoder"],
+        "tokenizer": tok_state.params["vq"],
+    }
+    ids, mask = tasks.encode_prompts(config, workdir, ["a red circle on the left"] * 3 + [""] * 3
+                                     + ["a blue square"] * 3)
+    return config, workdir, base, params, (ids[:3], mask[:3]), (ids[3:6], mask[3:6]), (ids[6:], mask[6:])
+
+
+def _sampler(base, **overrides):
+    from muse_jax.sampling.sampler import MuseSampler
+
+    cfg = base.config.sampling.copy_and_resolve_references()
+    for k, v in overrides.items():
+        cfg[k] = v
+    return MuseSampler(base.transformer, base.text_encoder, base.tokenizer, cfg)
+
+
+def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
+    config, _, base, params, (ids, mask), (nid, nmask), _ = tiny
+    out = _sampler(base)(params, ids, mask, nid, nmask, jax.random.PRNGKey(0))
+    assert out.images.shape == (3, config.data.image_size, config.data.image_size, 3)
+    assert np.all(np.asarray(out.tokens) < base.transformer.vocab_size)
+    assert out.num_masked.shape == (config.sampling.num_steps, 3)
+    assert np.all(np.asarray(out.num_masked)[-1] == 0)
+
+
+def test_guidance_scale_zero_equals_the_conditional_path(tiny):
+    _, _, base, params, (ids, mask), (nid, nmask), (bid, bmask) = tiny
+    rng = jax.random.PRNGKey(4)
+    unguided = _sampler(base, guidance_scale=0.0)(params, ids, mask, nid, nmask, rng)
+    # The conditional path, written out by hand: text -> kv -> decode with conditional logits.
+    tr = base.transformer
+    ctx = base.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
+    kv = tr.apply({"params": params["transformer"]}, ctx, method=tr.encode_context)
+    fn = lambda t, s: tr.apply({"params": params["transformer"]}, t, kv, jnp.asarray(mask), method=tr.logits)
+    cfg = base.config.sampling
+    manual = parallel_decode.decode(
+        jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32), rng, fn, mask_id=tr.mask_id,
+        num_steps=cfg.num_steps, schedule=cfg.mask_schedule, temperature=cfg.temperature,
+        temperature_final=cfg.temperature_final, choice_temperature=cfg.choice_temperature)
+    np.testing.assert_array_equal(unguided.tokens, manual.tokens)
+    # And a guided sampler whose negative prompt differs does change the result.
+    guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant")(params, ids, mask, bid, bmask, rng)
+    assert not np.array_equal(guided.tokens, unguided.tokens)
+
+
+def test_guided_logits_follow_the_formula():
+    cond, uncond = jnp.ones((1, 2, 3)), jnp.zeros((1, 2, 3))
+    fn = lambda t: jnp.concatenate([cond, uncond])
+    for step, expected in [(0, 1.0), (3, 1.0 + 2.0)]:
+        out = guidance.guided(fn, scale=2.0, schedule="linear", num_steps=4)(jnp.zeros((1, 2)), step)
+        np.testing.assert_allclose(out, expected)
+    with pytest.raises(ValueError, match="linear"):
+        guidance.scale_at(1.0, "cubic", 0, 4)
+
+
+def test_fixed_seed_reproduces_and_fixed_tokens_stay(tiny):
+    _, _, base, params, (ids, mask), (nid, nmask), _ = tiny
+    sampler = _sampler(base)
+    a = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(9))
+    b = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(9))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.images, b.images)
+    tr = base.transformer
+    rng = np.random.default_rng(0)
+    keep = rng.random((3, tr.seq_len)) < 0.5
+    init = np.where(keep, rng.integers(0, tr.vocab_size, (3, tr.seq_len)), tr.mask_id).astype(np.int32)
+    out = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init))
+    np.testing.assert_array_equal(np.asarray(out.tokens)[keep], init[keep])

@@ -1,0 +1,113 @@
+"""The shared trainer: clear config errors, SIGTERM -> checkpoint -> exact resume, NaN guard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from muse_jax import parallel
+from muse_jax.train import checkpoints, summaries, trainer
+from muse_jax.train.tokenizer_stage import TokenizerStage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
+
+
+def _run(args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "muse_jax.train", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, **kw,
+    )
+
+
+def test_bad_config_key_fails_with_one_clear_line(tmp_path):
+    proc = _run([f"--config={CONFIG}:smoke", "--config.base.no_such_key=1", f"--workdir={tmp_path}"])
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: unknown config key 'no_such_key' in --config.base.no_such_key; "
+                      "see the config file for valid keys"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_stage_lists_the_valid_ones(tmp_path):
+    proc = _run([f"--config={CONFIG}:smoke", "--config.stage=superduper", f"--workdir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "error: Unknown stage 'superduper'; valid: ['base', 'tokenizer']" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _read_scalars(directory: str, tag: str) -> dict[int, float]:
+    return summaries.read_scalars(directory).get(tag, {})
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
+    workdir = str(tmp_path)
+    args = [f"--config={CONFIG}:smoke", "--config.stage=tokenizer", f"--workdir={workdir}",
+            "--config.tokenizer.train.num_steps=100000", "--config.tokenizer.train.log_every=1",
+            "--config.tokenizer.train.checkpoint_every=100000",
+            "--config.tokenizer.train.summary_every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "muse_jax.train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if "[tokenizer] step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, "".join(seen) + out
+    assert "preempted" in out
+    ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(os.path.join(workdir, "tokenizer")))
+    saved = ckpt.latest_step()
+    ckpt.close()
+    assert saved is not None and saved >= 5
+
+    # The norm the run logged for its last state equals the norm of what was checkpointed.
+    from configs import shapes_tiny
+
+    config = shapes_tiny.get_config("smoke")
+    stage = TokenizerStage(config, workdir)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    restored, step = checkpoints.load_params(stage.stage_dir, abstract, "tokenizer")
+    assert step == saved and int(restored.step) == saved
+    logged = _read_scalars(stage.stage_dir, "train/param_norm")
+    assert saved in logged
+    np.testing.assert_allclose(float(optax.global_norm(restored.params)), logged[saved], rtol=1e-6)
+
+    # Resuming continues from exactly that state and step.
+    config.tokenizer.train.num_steps = saved + 2
+    result = trainer.train(config, workdir, "tokenizer")
+    assert result.status == "completed" and result.step == saved + 2
+    logged = _read_scalars(stage.stage_dir, "train/param_norm")
+    assert saved + 1 in logged and saved + 2 in logged
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, tmp_path):
+    train = smoke_config.tokenizer.train
+    train.num_steps, train.log_every, train.checkpoint_every = 50, 1, 1
+    train.optimizer.learning_rate, train.optimizer.warmup_steps, train.optimizer.grad_clip = 1e30, 2, 0.0
+    with pytest.raises(FloatingPointError, match="last good checkpoint is step") as err:
+        trainer.train(smoke_config, str(tmp_path), "tokenizer")
+    stage = TokenizerStage(smoke_config, str(tmp_path))
+    mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
+    abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    restored, step = checkpoints.load_params(stage.stage_dir, abstract, "tokenizer")
+    assert f"last good checkpoint is step {step}" in str(err.value)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
+    failed_at = int(str(err.value).split("non-finite metrics at step ")[1].split(":")[0])
+    assert step < failed_at
+
+
+def test_missing_tokenizer_checkpoint_is_a_clear_error(smoke_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No tokenizer checkpoint"):
+        trainer.train(smoke_config, str(tmp_path), "base")
