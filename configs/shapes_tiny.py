@@ -111,7 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 )
             ),
             restart_dead_codes_every=50,  # 0 disables re-seeding of unused codebook entries.
-            train=_train(batch_size=32, num_steps=600, lr=2e-3),
+            train=_train(batch_size=32, num_steps=500, lr=2e-3),
         )
     )
 
@@ -126,7 +126,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             mask_schedule="cosine",
             cond_dropout=0.1,
             label_smoothing=0.1,
-            train=_train(batch_size=64, num_steps=2000, lr=1e-3),
+            train=_train(batch_size=64, num_steps=700, lr=1e-3),
         )
     )
 
