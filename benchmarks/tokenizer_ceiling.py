@@ -33,8 +33,16 @@ def main(_):
     params, step = base_stage.load_tokenizer_params(config, _WORKDIR.value, mesh, rules)
     model = factory.tokenizer(config)
     recon_fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[:2])
-    it = tasks.batches(config, _WORKDIR.value, split="test", batch_size=100, seed=0, shuffle=False,
-                       repeat=False, keep_captions=True)
+    it = tasks.batches(
+        config,
+        _WORKDIR.value,
+        split="test",
+        batch_size=100,
+        seed=0,
+        shuffle=False,
+        repeat=False,
+        keep_captions=True,
+    )
     originals, recons, captions, codes = [], [], [], set()
     for batch in it:
         r, ids = recon_fn(params, batch["image"])
@@ -46,11 +54,16 @@ def main(_):
             break
     x, r = np.concatenate(originals), np.concatenate(recons)
     mse = np.mean((x.astype(np.float64) - r) ** 2)
-    print(f"tokenizer step {step}: PSNR {10 * np.log10(255**2 / mse):.2f} dB on {len(x)} test images, "
-          f"{len(codes)}/{config.tokenizer.model.codebook_size} codes used")
+    print(
+        f"tokenizer step {step}: PSNR {10 * np.log10(255**2 / mse):.2f} dB on {len(x)} test images, "
+        f"{len(codes)}/{config.tokenizer.model.codebook_size} codes used"
+    )
     for name, images in (("originals", x), ("reconstructions", r)):
         s = alignment.score(images, captions)
-        print(f"alignment of {name}: " + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k != "count"))
+        print(
+            f"alignment of {name}: "
+            + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k != "count")
+        )
 
 
 if __name__ == "__main__":

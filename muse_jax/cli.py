@@ -34,7 +34,9 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
         )
     except OSError as e:
         path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "?")
-        sys.stderr.write(f"error: cannot load config file {path!r}: {str(e).splitlines()[-1].strip()}\n")
+        sys.stderr.write(
+            f"error: cannot load config file {path!r}: {str(e).splitlines()[-1].strip()}\n"
+        )
     except flags.Error as e:
         msg = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
         if any("No such file" in m for m in msg):

@@ -44,7 +44,9 @@ def create_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def rules(config) -> tuple[tuple[str, Any], ...]:
-    return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.mesh.rules)
+    return tuple(
+        (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.mesh.rules
+    )
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules: Rules) -> Any:

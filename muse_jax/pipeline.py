@@ -35,25 +35,37 @@ def evaluate_alignment(config, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"), asynchronous=False)
     report: dict = {"base_step": step, "sampling": config.sampling.to_dict()}
     n = config.eval.samples_per_prompt
-    for split, prompts in (("seen", config.eval.seen_prompts), ("held_out", config.eval.held_out_prompts)):
+    for split, prompts in (
+        ("seen", config.eval.seen_prompts),
+        ("held_out", config.eval.held_out_prompts),
+    ):
         prompts = list(prompts)
-        out = alignment_eval.generate(config, workdir, sampler, params, prompts, samples_per_prompt=n, seed=1)
+        out = alignment_eval.generate(
+            config, workdir, sampler, params, prompts, samples_per_prompt=n, seed=1
+        )
         image = summaries.upscale(summaries.grid(out.images, columns=n), 4)
         summaries.save_png(image, os.path.join(workdir, "samples", f"{split}.png"))
         writer.write_images(step, {f"samples/{split}": image[None]})
         writer.write_scalars(
-            step, {f"alignment/{split}/{k}": v for k, v in out.scores.items() if k != "count" and v == v}
+            step,
+            {f"alignment/{split}/{k}": v for k, v in out.scores.items() if k != "count" and v == v},
         )
         per_prompt = {
-            p: alignment.score(out.images[i * n : (i + 1) * n], [p] * n)["all"] for i, p in enumerate(prompts)
+            p: alignment.score(out.images[i * n : (i + 1) * n], [p] * n)["all"]
+            for i, p in enumerate(prompts)
         }
         report[split] = {"scores": out.scores, "per_prompt_all": per_prompt, "prompts": prompts}
     # Reference: the same checker on real renderings of the seen prompts (its ceiling).
     import numpy as np
 
     rng = np.random.default_rng(0)
-    real = [shapes.render(shapes.scene_from_caption(p, rng), config.data.image_size) for p in config.eval.seen_prompts]
-    report["checker_on_real_images"] = alignment.score(np.stack(real), list(config.eval.seen_prompts))
+    real = [
+        shapes.render(shapes.scene_from_caption(p, rng), config.data.image_size)
+        for p in config.eval.seen_prompts
+    ]
+    report["checker_on_real_images"] = alignment.score(
+        np.stack(real), list(config.eval.seen_prompts)
+    )
     writer.flush()
     with open(os.path.join(workdir, "alignment.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -77,7 +89,10 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     for stage in ("tokenizer", "base"):
         result = trainer.train(config, workdir, stage)
-        print(f"[pipeline] {stage}: {result.status} at step {result.step} ({result.wall_s:.0f}s)", flush=True)
+        print(
+            f"[pipeline] {stage}: {result.status} at step {result.step} ({result.wall_s:.0f}s)",
+            flush=True,
+        )
     report = evaluate_alignment(config, workdir)
     report["wall_s"] = time.time() - t0
     with open(os.path.join(workdir, "alignment.json"), "w") as f:

@@ -40,7 +40,12 @@ def main(argv):
     config = _CONFIG.value
     sampler, params, step = base_stage.load_for_sampling(config, _WORKDIR.value)
     out = alignment_eval.generate(
-        config, _WORKDIR.value, sampler, params, [prompt], samples_per_prompt=_NUM.value,
+        config,
+        _WORKDIR.value,
+        sampler,
+        params,
+        [prompt],
+        samples_per_prompt=_NUM.value,
         seed=_SEED.value,
     )
     os.makedirs(_OUT.value, exist_ok=True)
@@ -48,15 +53,23 @@ def main(argv):
         summaries.save_png(image, os.path.join(_OUT.value, f"sample_{i:03d}.png"))
     columns = min(8, len(out.images))
     summaries.save_png(
-        summaries.upscale(summaries.grid(out.images, columns), 4), os.path.join(_OUT.value, "grid.png")
+        summaries.upscale(summaries.grid(out.images, columns), 4),
+        os.path.join(_OUT.value, "grid.png"),
     )
-    record = {"prompt": prompt, "seed": _SEED.value, "base_step": step, "num_samples": _NUM.value,
-              "alignment": out.scores}
+    record = {
+        "prompt": prompt,
+        "seed": _SEED.value,
+        "base_step": step,
+        "num_samples": _NUM.value,
+        "alignment": out.scores,
+    }
     with open(os.path.join(_OUT.value, "samples.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {len(out.images)} samples and grid.png to {_OUT.value} (base step {step})")
     if out.scores:
-        print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in out.scores.items() if k != "count"))
+        print(
+            "alignment: " + " ".join(f"{k}={v:.3f}" for k, v in out.scores.items() if k != "count")
+        )
     return 0
 
 

@@ -59,7 +59,9 @@ def test_each_attribute_is_checked_independently():
         "position": dataclasses.replace(obj, cx=0.75),
     }
     for attr, wrong in variants.items():
-        res = alignment.check(shapes.render(shapes.Scene(objects=(wrong,), position=base.position), 32), text)
+        res = alignment.check(
+            shapes.render(shapes.Scene(objects=(wrong,), position=base.position), 32), text
+        )
         assert res == {k: k != attr for k in ("color", "shape", "size", "position")}, (attr, res)
 
 
@@ -92,7 +94,9 @@ def test_invalid_captions_raise():
 
 def test_score_reports_unstated_attributes_as_nan():
     images, captions = _dataset(32, n=60)
-    singles = [(im, c) for im, c in zip(images, captions) if "left of" not in c and "above" not in c]
+    singles = [
+        (im, c) for im, c in zip(images, captions) if "left of" not in c and "above" not in c
+    ]
     res = alignment.score([im for im, _ in singles], [c for _, c in singles])
     assert math.isnan(res["relation"]) and res["count"] == len(singles)
     assert res["all"] == 1.0

@@ -16,36 +16,61 @@ CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 
 
 def _sample(*args):
-    return subprocess.run([sys.executable, "-m", "muse_jax.sample", f"--config={CONFIG}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "muse_jax.sample", f"--config={CONFIG}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_sample_binary_writes_one_png_per_sample_and_a_grid(trained_smoke, tmp_path):
     _, workdir = trained_smoke
     out = tmp_path / "out"
-    proc = _sample(f"--workdir={workdir}", "--prompt=a large red circle on the left", "--num_samples=3",
-                   f"--output_dir={out}", "--seed=5")
+    proc = _sample(
+        f"--workdir={workdir}",
+        "--prompt=a large red circle on the left",
+        "--num_samples=3",
+        f"--output_dir={out}",
+        "--seed=5",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png", "samples.json"]
+    assert files == [
+        "grid.png",
+        "sample_000.png",
+        "sample_001.png",
+        "sample_002.png",
+        "samples.json",
+    ]
     assert np.asarray(Image.open(out / "sample_000.png")).shape == (32, 32, 3)
     record = json.loads((out / "samples.json").read_text())
     assert record["num_samples"] == 3 and record["base_step"] == 6
     assert set(record["alignment"]) >= {"color", "shape", "all"}
     # Same seed, same pixels.
     out2 = tmp_path / "out2"
-    proc = _sample(f"--workdir={workdir}", "--prompt=a large red circle on the left", "--num_samples=3",
-                   f"--output_dir={out2}", "--seed=5")
+    proc = _sample(
+        f"--workdir={workdir}",
+        "--prompt=a large red circle on the left",
+        "--num_samples=3",
+        f"--output_dir={out2}",
+        "--seed=5",
+    )
     assert proc.returncode == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), np.asarray(Image.open(out2 / "grid.png")))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "grid.png")), np.asarray(Image.open(out2 / "grid.png"))
+    )
 
 
 @pytest.mark.slow
 def test_sample_binary_rejects_an_empty_prompt_and_a_workdir_without_checkpoints(tmp_path):
     proc = _sample(f"--workdir={tmp_path}", "--prompt=   ", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and "error: --prompt is empty" in proc.stderr
-    proc = _sample(f"--workdir={tmp_path}", "--prompt=a red circle", f"--output_dir={tmp_path / 'o'}")
+    proc = _sample(
+        f"--workdir={tmp_path}", "--prompt=a red circle", f"--output_dir={tmp_path / 'o'}"
+    )
     assert proc.returncode == 2
     assert "error: No base checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -57,7 +82,10 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
     config, workdir = trained_smoke
     report = pipeline.evaluate_alignment(config, workdir)
     n = config.eval.samples_per_prompt
-    for split, prompts in (("seen", config.eval.seen_prompts), ("held_out", config.eval.held_out_prompts)):
+    for split, prompts in (
+        ("seen", config.eval.seen_prompts),
+        ("held_out", config.eval.held_out_prompts),
+    ):
         scores = report[split]["scores"]
         assert scores["count"] == n * len(prompts)
         assert 0.0 <= scores["all"] <= min(scores["color"], scores["shape"]) <= 1.0
@@ -67,7 +95,9 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
     saved = json.loads(open(os.path.join(workdir, "alignment.json")).read())
     assert saved["seen"]["scores"] == report["seen"]["scores"]
     scalars = summaries.read_scalars(os.path.join(workdir, "eval"))
-    np.testing.assert_allclose(scalars["alignment/seen/color"][6], report["seen"]["scores"]["color"], rtol=1e-6)
+    np.testing.assert_allclose(
+        scalars["alignment/seen/color"][6], report["seen"]["scores"]["color"], rtol=1e-6
+    )
     # The trainer wrote its own curves too.
     base = summaries.read_scalars(os.path.join(workdir, "base"))
     assert sorted(base["train/loss"]) == [2, 3, 4, 6]

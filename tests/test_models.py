@@ -61,8 +61,15 @@ def test_text_encoder_zeroes_padding():
 
 @pytest.mark.parametrize("patch,mult,factor", [(4, (1,), 4), (1, (1, 2, 2), 4), (2, (1, 2), 4)])
 def test_tokenizer_round_trip_shapes(patch, mult, factor):
-    vq = VQGAN(channels=8, channel_mult=mult, num_res_blocks=1, embedding_dim=4, codebook_size=16,
-               norm_groups=4 if patch == 1 else 0, patch_size=patch)
+    vq = VQGAN(
+        channels=8,
+        channel_mult=mult,
+        num_res_blocks=1,
+        embedding_dim=4,
+        codebook_size=16,
+        norm_groups=4 if patch == 1 else 0,
+        patch_size=patch,
+    )
     assert vq.downsample_factor == factor
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3), minval=-1, maxval=1)
     params = nn.unbox(vq.init(jax.random.PRNGKey(1), x))

@@ -30,7 +30,9 @@ def test_decodes_every_token_in_exactly_num_steps(num_steps, seed):
         jax.debug.callback(lambda s: calls.append(int(s)), step)
         return random_logits_fn(seed)(tokens, step)
 
-    out = parallel_decode.decode(tokens, jax.random.PRNGKey(seed), fn, mask_id=MASK, num_steps=num_steps)
+    out = parallel_decode.decode(
+        tokens, jax.random.PRNGKey(seed), fn, mask_id=MASK, num_steps=num_steps
+    )
     jax.effects_barrier()
     assert sorted(calls) == [s for s in range(num_steps) for _ in range(1)]
     t = np.asarray(out.tokens)
@@ -45,8 +47,11 @@ def test_decodes_every_token_in_exactly_num_steps(num_steps, seed):
 
 def test_masked_counts_follow_the_cosine_schedule():
     out = parallel_decode.decode(
-        jnp.full((1, 64), MASK, jnp.int32), jax.random.PRNGKey(0), random_logits_fn(length=64),
-        mask_id=MASK, num_steps=8,
+        jnp.full((1, 64), MASK, jnp.int32),
+        jax.random.PRNGKey(0),
+        random_logits_fn(length=64),
+        mask_id=MASK,
+        num_steps=8,
     )
     expected = [int(np.floor(64 * np.cos(np.pi / 2 * (t + 1) / 8))) for t in range(8)]
     np.testing.assert_array_equal(np.asarray(out.num_masked)[:, 0], expected)
@@ -57,7 +62,9 @@ def test_fixed_tokens_stay_fixed():
     tokens = rng.integers(0, VOCAB, size=(4, 16))
     holes = rng.random((4, 16)) < 0.5
     tokens = jnp.asarray(np.where(holes, MASK, tokens), jnp.int32)
-    out = parallel_decode.decode(tokens, jax.random.PRNGKey(3), random_logits_fn(), mask_id=MASK, num_steps=5)
+    out = parallel_decode.decode(
+        tokens, jax.random.PRNGKey(3), random_logits_fn(), mask_id=MASK, num_steps=5
+    )
     t = np.asarray(out.tokens)
     np.testing.assert_array_equal(t[~holes], np.asarray(tokens)[~holes])
     assert np.all(t != MASK)
@@ -65,7 +72,9 @@ def test_fixed_tokens_stay_fixed():
 
 def test_nothing_to_decode_returns_input():
     tokens = jnp.asarray(np.arange(16).reshape(1, 16) % VOCAB, jnp.int32)
-    out = parallel_decode.decode(tokens, jax.random.PRNGKey(0), random_logits_fn(), mask_id=MASK, num_steps=3)
+    out = parallel_decode.decode(
+        tokens, jax.random.PRNGKey(0), random_logits_fn(), mask_id=MASK, num_steps=3
+    )
     np.testing.assert_array_equal(out.tokens, tokens)
 
 
@@ -82,8 +91,13 @@ def test_fixed_seed_reproduces_and_other_seed_differs():
 
 def test_low_temperature_picks_the_argmax():
     out = parallel_decode.decode(
-        jnp.full((2, 16), MASK, jnp.int32), jax.random.PRNGKey(0), random_logits_fn(),
-        mask_id=MASK, num_steps=4, temperature=1e-4, choice_temperature=0.0,
+        jnp.full((2, 16), MASK, jnp.int32),
+        jax.random.PRNGKey(0),
+        random_logits_fn(),
+        mask_id=MASK,
+        num_steps=4,
+        temperature=1e-4,
+        choice_temperature=0.0,
     )
     best = np.argmax(np.asarray(random_logits_fn()(jnp.zeros((2, 16), jnp.int32), 0)), -1)
     np.testing.assert_array_equal(out.tokens, best)
@@ -91,5 +105,10 @@ def test_low_temperature_picks_the_argmax():
 
 def test_zero_steps_is_an_error():
     with pytest.raises(ValueError, match="num_steps"):
-        parallel_decode.decode(jnp.zeros((1, 4), jnp.int32), jax.random.PRNGKey(0), random_logits_fn(length=4),
-                               mask_id=MASK, num_steps=0)
+        parallel_decode.decode(
+            jnp.zeros((1, 4), jnp.int32),
+            jax.random.PRNGKey(0),
+            random_logits_fn(length=4),
+            mask_id=MASK,
+            num_steps=0,
+        )

@@ -28,9 +28,18 @@ def tiny(tmp_path_factory):
         "text_encoder": base_state.params["text_encoder"],
         "tokenizer": tok_state.params["vq"],
     }
-    ids, mask = tasks.encode_prompts(config, workdir, ["a red circle on the left"] * 3 + [""] * 3
-                                     + ["a blue square"] * 3)
-    return config, workdir, base, params, (ids[:3], mask[:3]), (ids[3:6], mask[3:6]), (ids[6:], mask[6:])
+    ids, mask = tasks.encode_prompts(
+        config, workdir, ["a red circle on the left"] * 3 + [""] * 3 + ["a blue square"] * 3
+    )
+    return (
+        config,
+        workdir,
+        base,
+        params,
+        (ids[:3], mask[:3]),
+        (ids[3:6], mask[3:6]),
+        (ids[6:], mask[6:]),
+    )
 
 
 def _sampler(base, **overrides):
@@ -57,17 +66,30 @@ def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     unguided = _sampler(base, guidance_scale=0.0)(params, ids, mask, nid, nmask, rng)
     # The conditional path, written out by hand: text -> kv -> decode with conditional logits.
     tr = base.transformer
-    ctx = base.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
+    ctx = base.text_encoder.apply(
+        {"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask)
+    )
     kv = tr.apply({"params": params["transformer"]}, ctx, method=tr.encode_context)
-    fn = lambda t, s: tr.apply({"params": params["transformer"]}, t, kv, jnp.asarray(mask), method=tr.logits)
+    fn = lambda t, s: tr.apply(
+        {"params": params["transformer"]}, t, kv, jnp.asarray(mask), method=tr.logits
+    )
     cfg = base.config.sampling
     manual = parallel_decode.decode(
-        jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32), rng, fn, mask_id=tr.mask_id,
-        num_steps=cfg.num_steps, schedule=cfg.mask_schedule, temperature=cfg.temperature,
-        temperature_final=cfg.temperature_final, choice_temperature=cfg.choice_temperature)
+        jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32),
+        rng,
+        fn,
+        mask_id=tr.mask_id,
+        num_steps=cfg.num_steps,
+        schedule=cfg.mask_schedule,
+        temperature=cfg.temperature,
+        temperature_final=cfg.temperature_final,
+        choice_temperature=cfg.choice_temperature,
+    )
     np.testing.assert_array_equal(unguided.tokens, manual.tokens)
     # And a guided sampler whose negative prompt differs does change the result.
-    guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant")(params, ids, mask, bid, bmask, rng)
+    guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant")(
+        params, ids, mask, bid, bmask, rng
+    )
     assert not np.array_equal(guided.tokens, unguided.tokens)
 
 
@@ -75,7 +97,9 @@ def test_guided_logits_follow_the_formula():
     cond, uncond = jnp.ones((1, 2, 3)), jnp.zeros((1, 2, 3))
     fn = lambda t: jnp.concatenate([cond, uncond])
     for step, expected in [(0, 1.0), (3, 1.0 + 2.0)]:
-        out = guidance.guided(fn, scale=2.0, schedule="linear", num_steps=4)(jnp.zeros((1, 2)), step)
+        out = guidance.guided(fn, scale=2.0, schedule="linear", num_steps=4)(
+            jnp.zeros((1, 2)), step
+        )
         np.testing.assert_allclose(out, expected)
     with pytest.raises(ValueError, match="linear"):
         guidance.scale_at(1.0, "cubic", 0, 4)
@@ -91,6 +115,10 @@ def test_fixed_seed_reproduces_and_fixed_tokens_stay(tiny):
     tr = base.transformer
     rng = np.random.default_rng(0)
     keep = rng.random((3, tr.seq_len)) < 0.5
-    init = np.where(keep, rng.integers(0, tr.vocab_size, (3, tr.seq_len)), tr.mask_id).astype(np.int32)
-    out = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init))
+    init = np.where(keep, rng.integers(0, tr.vocab_size, (3, tr.seq_len)), tr.mask_id).astype(
+        np.int32
+    )
+    out = sampler(
+        params, ids, mask, nid, nmask, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init)
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens)[keep], init[keep])

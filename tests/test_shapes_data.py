@@ -47,7 +47,11 @@ def test_sample_scene_excludes_held_out_and_mixes_scene_types():
             a, b = s.objects
             assert a.color != b.color and a.size == b.size == "small"
     rng = np.random.default_rng(0)
-    allowed = {o.combo for _ in range(2000) for o in shapes.sample_scene(rng, held_out=HELD_OUT, exclude_held_out=False).objects}
+    allowed = {
+        o.combo
+        for _ in range(2000)
+        for o in shapes.sample_scene(rng, held_out=HELD_OUT, exclude_held_out=False).objects
+    }
     assert set(HELD_OUT) <= allowed
 
 
@@ -76,7 +80,13 @@ def test_caption_roundtrip_and_grammar():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "a purple circle on the left", "a large red circle", "a red circle left of a red square", "red circle"],
+    [
+        "",
+        "a purple circle on the left",
+        "a large red circle",
+        "a red circle left of a red square",
+        "red circle",
+    ],
 )
 def test_invalid_captions_raise(bad):
     with pytest.raises(ValueError):
@@ -113,12 +123,17 @@ def test_pixels_agree_with_caption(size):
             ax, ay = shapes.POSITION_ANCHORS[scene.position]
             cx, cy = centroids[0]
             # Nearest anchor is the stated one.
-            nearest = min(shapes.POSITIONS, key=lambda p: np.hypot(*np.subtract(shapes.POSITION_ANCHORS[p], (cx, cy))))
+            nearest = min(
+                shapes.POSITIONS,
+                key=lambda p: np.hypot(*np.subtract(shapes.POSITION_ANCHORS[p], (cx, cy))),
+            )
             assert nearest == scene.position, (scene, cx, cy, ax, ay)
 
 
 def test_render_is_resolution_independent():
-    scene = shapes.scene_from_caption("a large yellow triangle at the top", np.random.default_rng(0))
+    scene = shapes.scene_from_caption(
+        "a large yellow triangle at the top", np.random.default_rng(0)
+    )
     small = shapes.render(scene, 32).astype(np.float32)
     big = shapes.render(scene, 64).astype(np.float32)
     down = big.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
@@ -169,8 +184,12 @@ def test_tfds_records_match_numpy_generator(built):
 
 def test_tfds_held_out_only_in_test(built):
     _, builder, _ = built
-    train_combos = set().union(*(_objects_combos(r["caption"].decode()) for r in _records(builder, "train")))
-    test_combos = set().union(*(_objects_combos(r["caption"].decode()) for r in _records(builder, "test")))
+    train_combos = set().union(
+        *(_objects_combos(r["caption"].decode()) for r in _records(builder, "train"))
+    )
+    test_combos = set().union(
+        *(_objects_combos(r["caption"].decode()) for r in _records(builder, "test"))
+    )
     assert train_combos.isdisjoint(HELD_OUT)
     assert test_combos & set(HELD_OUT)
 
@@ -178,7 +197,12 @@ def test_tfds_held_out_only_in_test(built):
 def test_tfds_config_name_tracks_parameters(built):
     shapes_tfds, builder, data_dir = built
     same = shapes_tfds.make_builder(
-        str(data_dir), image_size=32, num_train=200, num_test=50, seed=5, held_out=tuple(reversed(HELD_OUT))
+        str(data_dir),
+        image_size=32,
+        num_train=200,
+        num_test=50,
+        seed=5,
+        held_out=tuple(reversed(HELD_OUT)),
     )
     assert same.builder_config.name == builder.builder_config.name
     assert same.is_prepared()  # equivalent parameters reuse the built data

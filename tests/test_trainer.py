@@ -21,17 +21,25 @@ CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
 
 def _run(args, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "muse_jax.train", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, **kw,
+        [sys.executable, "-m", "muse_jax.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
     )
 
 
 def test_bad_config_key_fails_with_one_clear_line(tmp_path):
-    proc = _run([f"--config={CONFIG}:smoke", "--config.base.no_such_key=1", f"--workdir={tmp_path}"])
+    proc = _run(
+        [f"--config={CONFIG}:smoke", "--config.base.no_such_key=1", f"--workdir={tmp_path}"]
+    )
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: unknown config key 'no_such_key' in --config.base.no_such_key; "
-                      "see the config file for valid keys"]
+    assert errors == [
+        "error: unknown config key 'no_such_key' in --config.base.no_such_key; "
+        "see the config file for valid keys"
+    ]
     assert "Traceback" not in proc.stderr
 
 
@@ -49,12 +57,22 @@ def _read_scalars(directory: str, tag: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
     workdir = str(tmp_path)
-    args = [f"--config={CONFIG}:smoke", "--config.stage=tokenizer", f"--workdir={workdir}",
-            "--config.tokenizer.train.num_steps=100000", "--config.tokenizer.train.log_every=1",
-            "--config.tokenizer.train.checkpoint_every=100000",
-            "--config.tokenizer.train.summary_every=100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "muse_jax.train", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        f"--config={CONFIG}:smoke",
+        "--config.stage=tokenizer",
+        f"--workdir={workdir}",
+        "--config.tokenizer.train.num_steps=100000",
+        "--config.tokenizer.train.log_every=1",
+        "--config.tokenizer.train.checkpoint_every=100000",
+        "--config.tokenizer.train.summary_every=100000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "muse_jax.train", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     deadline = time.time() + 300
     for line in proc.stdout:
@@ -95,7 +113,11 @@ def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, tmp_path):
     train = smoke_config.tokenizer.train
     train.num_steps, train.log_every, train.checkpoint_every = 50, 1, 1
-    train.optimizer.learning_rate, train.optimizer.warmup_steps, train.optimizer.grad_clip = 1e30, 2, 0.0
+    train.optimizer.learning_rate, train.optimizer.warmup_steps, train.optimizer.grad_clip = (
+        1e30,
+        2,
+        0.0,
+    )
     with pytest.raises(FloatingPointError, match="last good checkpoint is step") as err:
         trainer.train(smoke_config, str(tmp_path), "tokenizer")
     stage = TokenizerStage(smoke_config, str(tmp_path))

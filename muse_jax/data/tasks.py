@@ -64,7 +64,9 @@ def get_task(config, workdir: str) -> seqio.Task:
     root = data_dir(config, workdir)
     builder = _BUILDERS[name](config, root)
     vocab = vocabulary.get_vocabulary(config, root)
-    task_name = f"muse_{name}_{builder.builder_config.name}_{config.data.get('vocabulary', 'shapes')}"
+    task_name = (
+        f"muse_{name}_{builder.builder_config.name}_{config.data.get('vocabulary', 'shapes')}"
+    )
     task_name = task_name.replace("/", "_").replace(".", "_")
     if task_name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(task_name)

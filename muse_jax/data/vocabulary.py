@@ -10,8 +10,8 @@ import io
 import os
 
 import numpy as np
-import seqio
 import sentencepiece as spm
+import seqio
 from etils import epath
 
 from muse_jax.data import shapes

@@ -7,7 +7,8 @@ shards; the modules themselves never mention a mesh axis.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,7 @@ and a softmax over the codebook at every position. The [MASK] token is id `vocab
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import flax.linen as nn

@@ -10,7 +10,7 @@ codebook in use than raw Euclidean lookup.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import flax.linen as nn

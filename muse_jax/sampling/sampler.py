@@ -55,7 +55,9 @@ class MuseSampler:
             return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
 
         if cfg.guidance_scale > 0:
-            ctx = embed(jnp.concatenate([text_ids, neg_ids]), jnp.concatenate([text_mask, neg_mask]))
+            ctx = embed(
+                jnp.concatenate([text_ids, neg_ids]), jnp.concatenate([text_mask, neg_mask])
+            )
             ctx_mask = jnp.concatenate([text_mask, neg_mask])
         else:
             ctx, ctx_mask = embed(text_ids, text_mask), text_mask
@@ -108,6 +110,8 @@ class MuseSampler:
         """
         if init_tokens is None:
             init_tokens = jnp.full(
-                (text_ids.shape[0], self.transformer.seq_len), self.transformer.vocab_size, jnp.int32
+                (text_ids.shape[0], self.transformer.seq_len),
+                self.transformer.vocab_size,
+                jnp.int32,
             )
         return self._jitted(params, text_ids, text_mask, neg_ids, neg_mask, rng, init_tokens)

@@ -8,7 +8,7 @@ checkpoint and exits 0; a non-finite loss exits 3 with the last good checkpoint 
       --workdir=runs/shapes --config.tokenizer.train.num_steps=3000
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from muse_jax import cli

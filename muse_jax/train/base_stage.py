@@ -64,7 +64,9 @@ class BaseStage(stage.Stage):
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         empty_ids, empty_mask = tasks.encode_prompts(config, workdir, [""])
         self.empty_ids, self.empty_mask = jnp.asarray(empty_ids), jnp.asarray(empty_mask)
-        self.sampler = MuseSampler(self.transformer, self.text_encoder, self.tokenizer, config.sampling)
+        self.sampler = MuseSampler(
+            self.transformer, self.text_encoder, self.tokenizer, config.sampling
+        )
 
     def init(self, rng: jax.Array) -> TrainState:
         length = self.config.data.text_length
@@ -72,9 +74,13 @@ class BaseStage(stage.Stage):
         mask = jnp.ones((1, length), jnp.int32)
         t_rng, x_rng, rng = jax.random.split(rng, 3)
         text_params = self.text_encoder.init(t_rng, ids, mask)["params"]
-        ctx = jax.eval_shape(lambda: self.text_encoder.apply({"params": nn.unbox(text_params)}, ids, mask))
+        ctx = jax.eval_shape(
+            lambda: self.text_encoder.apply({"params": nn.unbox(text_params)}, ids, mask)
+        )
         tokens = jnp.zeros((1, self.transformer.seq_len), jnp.int32)
-        tr_params = self.transformer.init(x_rng, tokens, jnp.zeros(ctx.shape, ctx.dtype), mask)["params"]
+        tr_params = self.transformer.init(x_rng, tokens, jnp.zeros(ctx.shape, ctx.dtype), mask)[
+            "params"
+        ]
         params = {"transformer": tr_params, "text_encoder": text_params}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -86,12 +92,18 @@ class BaseStage(stage.Stage):
 
     def frozen(self, mesh, axis_rules) -> Any:
         params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules)
-        print(f"[base] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}")
+        print(
+            f"[base] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}"
+        )
         return {"tokenizer": params}
 
     def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
         return tasks.batches(
-            self.config, self.workdir, split="train", batch_size=self.train_config.batch_size, seed=seed
+            self.config,
+            self.workdir,
+            split="train",
+            batch_size=self.train_config.batch_size,
+            seed=seed,
         )
 
     def train_step(
@@ -131,7 +143,9 @@ class BaseStage(stage.Stage):
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(params),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+        return state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=rng
+        ), metrics
 
     def sampler_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
         return {
@@ -146,8 +160,13 @@ class BaseStage(stage.Stage):
         ev = self.config.eval
         prompts = list(ev.seen_prompts)[:4] + list(ev.held_out_prompts)[:4]
         result = alignment_eval.generate(
-            self.config, self.workdir, self.sampler, self.sampler_params(state, frozen), prompts,
-            samples_per_prompt=4, seed=0,
+            self.config,
+            self.workdir,
+            self.sampler,
+            self.sampler_params(state, frozen),
+            prompts,
+            samples_per_prompt=4,
+            seed=0,
         )
         image = summaries.upscale(summaries.grid(result.images, columns=4 * 2), 2)
         writer.write_images(step, {"samples": image[None]})

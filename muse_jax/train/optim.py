@@ -13,8 +13,10 @@ def learning_rate(opt_cfg, num_steps: int) -> optax.Schedule:
         )
     if opt_cfg.schedule == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, opt_cfg.learning_rate, max(warmup, 1)),
-             optax.constant_schedule(opt_cfg.learning_rate)],
+            [
+                optax.linear_schedule(0.0, opt_cfg.learning_rate, max(warmup, 1)),
+                optax.constant_schedule(opt_cfg.learning_rate),
+            ],
             [max(warmup, 1)],
         )
     raise ValueError(f"Unknown optimizer schedule {opt_cfg.schedule!r}; valid: cosine, constant.")

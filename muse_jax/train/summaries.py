@@ -10,7 +10,9 @@ from PIL import Image
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
 
 
 def grid(images: np.ndarray, columns: int, pad: int = 1, pad_value: int = 64) -> np.ndarray:
@@ -20,7 +22,10 @@ def grid(images: np.ndarray, columns: int, pad: int = 1, pad_value: int = 64) ->
     out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, columns)
-        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = img
     return out
 
 

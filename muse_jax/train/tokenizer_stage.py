@@ -31,9 +31,7 @@ class TokenizerStage(stage.Stage):
         super().__init__(config, workdir)
         self.model = factory.tokenizer(config)
         lc = self.stage_config.loss
-        self.disc = (
-            PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
-        )
+        self.disc = PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self._eval_batch: np.ndarray | None = None
         self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
@@ -56,7 +54,11 @@ class TokenizerStage(stage.Stage):
 
     def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(
-            self.config, self.workdir, split="train", batch_size=self.train_config.batch_size, seed=seed
+            self.config,
+            self.workdir,
+            split="train",
+            batch_size=self.train_config.batch_size,
+            seed=seed,
         )
         return ({"image": b["image"]} for b in it)
 
@@ -125,7 +127,13 @@ class TokenizerStage(stage.Stage):
     def write_summaries(self, state, frozen, writer: metric_writers.MetricWriter, step: int):
         if self._eval_batch is None:
             it = tasks.batches(
-                self.config, self.workdir, split="test", batch_size=32, seed=0, shuffle=False, repeat=False
+                self.config,
+                self.workdir,
+                split="test",
+                batch_size=32,
+                seed=0,
+                shuffle=False,
+                repeat=False,
             )
             self._eval_batch = next(it)["image"]
         x = self._eval_batch

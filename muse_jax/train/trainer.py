@@ -101,7 +101,9 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     start = int(state.step)
     num_steps = int(tc.num_steps)
     if start >= num_steps:
-        _log(f"[{stage.name}] already trained to step {start} >= num_steps {num_steps}; nothing to do")
+        _log(
+            f"[{stage.name}] already trained to step {start} >= num_steps {num_steps}; nothing to do"
+        )
         ckpt.close()
         return TrainResult(stage.name, start, "already_done", {}, time.time() - t_start)
 
@@ -171,7 +173,10 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
                 evals = {k: v for k, v in evals.items() if math.isfinite(v)}
                 if evals:
                     writer.write_scalars(step, evals)
-                    _log(f"[{stage.name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+                    _log(
+                        f"[{stage.name}] step {step} "
+                        + " ".join(f"{k}={v:.4g}" for k, v in evals.items())
+                    )
                     last_metrics.update(evals)
             if save_now:
                 ckpt.save(step, state)
@@ -204,4 +209,6 @@ def main_train(config, workdir: str) -> int:
 
 
 def summary_json(result: TrainResult) -> str:
-    return json.dumps(dataclasses.asdict(result), indent=2, default=lambda o: np.asarray(o).tolist())
+    return json.dumps(
+        dataclasses.asdict(result), indent=2, default=lambda o: np.asarray(o).tolist()
+    )
