@@ -26,15 +26,26 @@ setup(
         "pillow",
         "absl-py",
         "etils",
+        "ml-dtypes",
+        "safetensors",
+        "tensorstore",
+        "msgpack",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.8"],
+        # torch (CPU build) and transformers only serve as independent references in tests.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.8",
+            "torch==2.13.0",
+            "transformers>=5.20",
+        ],
     },
     entry_points={
         "console_scripts": [
             "muse-train=muse_jax.train.__main__:run",
             "muse-sample=muse_jax.sample:run",
             "muse-pipeline=muse_jax.pipeline:run",
+            "muse-embed=muse_jax.embed:run",
         ],
     },
 )

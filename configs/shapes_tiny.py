@@ -79,7 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             two_object_prob=0.3,
             held_out=list(HELD_OUT),
             text_length=16,
-            vocab_size=64,
+            # "shapes" (a word-level SentencePiece model trained here), "byte", or the path of a
+            # SentencePiece .model file (e.g. T5's).
+            vocabulary="shapes",
         )
     )
 
@@ -121,11 +123,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 dict(width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0, dtype="float32")
             ),
             text_encoder=ml_collections.ConfigDict(
-                dict(name="tiny", width=128, depth=2, num_heads=4, mlp_dim=256, trainable=True)
+                dict(
+                    name="tiny",  # "tiny" (trained with the base model) or "t5".
+                    width=128,
+                    depth=2,
+                    num_heads=4,
+                    mlp_dim=256,
+                    trainable=True,
+                    # For name="t5": a preset of muse_jax.models.t5 and a T5X or safetensors
+                    # checkpoint (frozen: trainable=False); data.vocabulary = its .model file.
+                    preset="small",
+                    checkpoint="",
+                    dtype="float32",
+                )
             ),
             mask_schedule="cosine",
             cond_dropout=0.1,
             label_smoothing=0.1,
+            # A directory written by `python -m muse_jax.embed`: train on precomputed text
+            # embeddings instead of running the text encoder (the paper's T5-XXL setting).
+            text_embeddings="",
             train=_train(batch_size=64, num_steps=700, lr=1e-3),
         )
     )
@@ -161,6 +178,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 ("embed", "fsdp"),
                 ("mlp", "tensor"),
                 ("heads", "tensor"),
+                ("joined_kv", "tensor"),  # T5X-layout attention kernels: heads * head_dim.
+                ("relpos_buckets", None),
+                ("context_embed", None),
                 ("kv", None),
                 ("vocab", "tensor"),
                 ("conv_in", None),

@@ -31,7 +31,7 @@ def evaluate_alignment(config, workdir: str) -> dict:
     from muse_jax.eval import alignment, alignment_eval
     from muse_jax.train import base_stage, summaries
 
-    sampler, params, step = base_stage.load_for_sampling(config, workdir)
+    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir)
     writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"), asynchronous=False)
     report: dict = {"base_step": step, "sampling": config.sampling.to_dict()}
     n = config.eval.samples_per_prompt
@@ -41,7 +41,7 @@ def evaluate_alignment(config, workdir: str) -> dict:
     ):
         prompts = list(prompts)
         out = alignment_eval.generate(
-            config, workdir, sampler, params, prompts, samples_per_prompt=n, seed=1
+            config, sampler, params, conditioner, prompts, samples_per_prompt=n, seed=1
         )
         image = summaries.upscale(summaries.grid(out.images, columns=n), 4)
         summaries.save_png(image, os.path.join(workdir, "samples", f"{split}.png"))

@@ -38,12 +38,12 @@ def main(argv):
     from muse_jax.train import base_stage, summaries
 
     config = _CONFIG.value
-    sampler, params, step = base_stage.load_for_sampling(config, _WORKDIR.value)
+    sampler, params, step, conditioner = base_stage.load_for_sampling(config, _WORKDIR.value)
     out = alignment_eval.generate(
         config,
-        _WORKDIR.value,
         sampler,
         params,
+        conditioner,
         [prompt],
         samples_per_prompt=_NUM.value,
         seed=_SEED.value,

@@ -36,9 +36,9 @@ def tiny(tmp_path_factory):
         workdir,
         base,
         params,
-        (ids[:3], mask[:3]),
-        (ids[3:6], mask[3:6]),
-        (ids[6:], mask[6:]),
+        {"text_ids": ids[:3], "text_mask": mask[:3]},
+        {"text_ids": ids[3:6], "text_mask": mask[3:6]},
+        {"text_ids": ids[6:], "text_mask": mask[6:]},
     )
 
 
@@ -52,8 +52,8 @@ def _sampler(base, **overrides):
 
 
 def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
-    config, _, base, params, (ids, mask), (nid, nmask), _ = tiny
-    out = _sampler(base)(params, ids, mask, nid, nmask, jax.random.PRNGKey(0))
+    config, _, base, params, cond, uncond, _ = tiny
+    out = _sampler(base)(params, cond, uncond, jax.random.PRNGKey(0))
     assert out.images.shape == (3, config.data.image_size, config.data.image_size, 3)
     assert np.all(np.asarray(out.tokens) < base.transformer.vocab_size)
     assert out.num_masked.shape == (config.sampling.num_steps, 3)
@@ -61,17 +61,19 @@ def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
 
 
 def test_guidance_scale_zero_equals_the_conditional_path(tiny):
-    _, _, base, params, (ids, mask), (nid, nmask), (bid, bmask) = tiny
+    _, _, base, params, cond, uncond, negative = tiny
     rng = jax.random.PRNGKey(4)
-    unguided = _sampler(base, guidance_scale=0.0)(params, ids, mask, nid, nmask, rng)
+    unguided = _sampler(base, guidance_scale=0.0)(params, cond, uncond, rng)
     # The conditional path, written out by hand: text -> kv -> decode with conditional logits.
     tr = base.transformer
     ctx = base.text_encoder.apply(
-        {"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask)
+        {"params": params["text_encoder"]},
+        jnp.asarray(cond["text_ids"]),
+        jnp.asarray(cond["text_mask"]),
     )
     kv = tr.apply({"params": params["transformer"]}, ctx, method=tr.encode_context)
     fn = lambda t, s: tr.apply(
-        {"params": params["transformer"]}, t, kv, jnp.asarray(mask), method=tr.logits
+        {"params": params["transformer"]}, t, kv, jnp.asarray(cond["text_mask"]), method=tr.logits
     )
     cfg = base.config.sampling
     manual = parallel_decode.decode(
@@ -88,7 +90,7 @@ def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     np.testing.assert_array_equal(unguided.tokens, manual.tokens)
     # And a guided sampler whose negative prompt differs does change the result.
     guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant")(
-        params, ids, mask, bid, bmask, rng
+        params, cond, negative, rng
     )
     assert not np.array_equal(guided.tokens, unguided.tokens)
 
@@ -106,10 +108,10 @@ def test_guided_logits_follow_the_formula():
 
 
 def test_fixed_seed_reproduces_and_fixed_tokens_stay(tiny):
-    _, _, base, params, (ids, mask), (nid, nmask), _ = tiny
+    _, _, base, params, cond, uncond, _ = tiny
     sampler = _sampler(base)
-    a = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(9))
-    b = sampler(params, ids, mask, nid, nmask, jax.random.PRNGKey(9))
+    a = sampler(params, cond, uncond, jax.random.PRNGKey(9))
+    b = sampler(params, cond, uncond, jax.random.PRNGKey(9))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.images, b.images)
     tr = base.transformer
@@ -118,7 +120,5 @@ def test_fixed_seed_reproduces_and_fixed_tokens_stay(tiny):
     init = np.where(keep, rng.integers(0, tr.vocab_size, (3, tr.seq_len)), tr.mask_id).astype(
         np.int32
     )
-    out = sampler(
-        params, ids, mask, nid, nmask, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init)
-    )
+    out = sampler(params, cond, uncond, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init))
     np.testing.assert_array_equal(np.asarray(out.tokens)[keep], init[keep])

@@ -104,6 +104,7 @@ def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
 
     # Resuming continues from exactly that state and step.
     config.tokenizer.train.num_steps = saved + 2
+    config.tokenizer.train.log_every = 1
     result = trainer.train(config, workdir, "tokenizer")
     assert result.status == "completed" and result.step == saved + 2
     logged = _read_scalars(stage.stage_dir, "train/param_norm")

@@ -126,14 +126,9 @@ def batches(
 def encode_prompts(config, workdir: str, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (ids [N, text_length], mask [N, text_length]) as the trainer saw them.
 
-    An empty string is the unconditional prompt (EOS only); prompts past `text_length` are cut.
+    An empty string is the unconditional prompt (EOS only); longer prompts are cut with a warning.
     """
+    from muse_jax.text.conditioning import encode_ids
+
     vocab = vocabulary.get_vocabulary(config, data_dir(config, workdir))
-    length = config.data.text_length
-    ids = np.zeros((len(prompts), length), np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        toks = list(vocab.encode(p))[: length - 1] + [vocab.eos_id]
-        ids[i, : len(toks)] = toks
-        mask[i, : len(toks)] = 1
-    return ids, mask
+    return encode_ids(vocab, prompts, config.data.text_length)

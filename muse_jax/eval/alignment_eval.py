@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from muse_jax.data import tasks
 from muse_jax.eval import alignment
 from muse_jax.train import summaries
 
@@ -22,9 +21,9 @@ class Generated:
 
 def generate(
     config,
-    workdir: str,
     sampler,
     params,
+    conditioner,
     prompts: list[str],
     *,
     samples_per_prompt: int,
@@ -37,10 +36,9 @@ def generate(
             raise ValueError("Empty prompt: give a caption, e.g. --prompt='a red circle'.")
     captions = [p for p in prompts for _ in range(samples_per_prompt)]
     neg = config.sampling.negative_prompt if negative_prompt is None else negative_prompt
-    ids, mask = tasks.encode_prompts(config, workdir, captions + [neg])
-    neg_ids = np.repeat(ids[-1:], len(captions), 0)
-    neg_mask = np.repeat(mask[-1:], len(captions), 0)
-    out = sampler(params, ids[:-1], mask[:-1], neg_ids, neg_mask, jax.random.PRNGKey(seed))
+    cond = conditioner.encode(captions)
+    uncond = {k: np.repeat(v, len(captions), 0) for k, v in conditioner.encode([neg]).items()}
+    out = sampler(params, cond, uncond, jax.random.PRNGKey(seed))
     images = summaries.to_uint8(np.asarray(out.images))
     try:
         scores = alignment.score(images, captions)

@@ -49,7 +49,7 @@ def base_transformer(config) -> MaskedTransformer:
     )
 
 
-_TEXT_ENCODERS = ("tiny",)
+_TEXT_ENCODERS = ("tiny", "t5")
 
 
 def text_encoder(config, vocab_size: int) -> nn.Module:
@@ -64,4 +64,14 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
             num_heads=t.num_heads,
             mlp_dim=t.mlp_dim,
         )
+    if t.name == "t5":
+        from muse_jax.models import t5
+
+        t5_config = t5.get_config(t.preset, dtype=t.get("dtype", "float32"))
+        if vocab_size > t5_config.vocab_size:
+            raise ValueError(
+                f"The vocabulary has {vocab_size} ids but T5 preset {t.preset!r} embeds only "
+                f"{t5_config.vocab_size}: use the SentencePiece model the checkpoint was trained with."
+            )
+        return t5.T5Encoder(t5_config)
     raise ValueError(f"Unknown config.base.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")

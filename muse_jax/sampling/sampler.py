@@ -37,30 +37,29 @@ class MuseSampler:
         self.cfg = sampling_cfg
         self._jitted = jax.jit(self._generate)
 
+    def _encode(self, params: dict[str, Any], text: dict[str, jax.Array]) -> jax.Array:
+        if "text_emb" in text:  # Precomputed (e.g. T5-XXL) embeddings.
+            return text["text_emb"]
+        return self.text_encoder.apply(
+            {"params": params["text_encoder"]}, text["text_ids"], text["text_mask"]
+        )
+
     def _generate(
         self,
         params: dict[str, Any],
-        text_ids: jax.Array,
-        text_mask: jax.Array,
-        neg_ids: jax.Array,
-        neg_mask: jax.Array,
+        cond: dict[str, jax.Array],
+        uncond: dict[str, jax.Array],
         rng: jax.Array,
         init_tokens: jax.Array,
     ) -> Sample:
-        chex.assert_equal_shape((text_ids, text_mask, neg_ids, neg_mask))
+        chex.assert_trees_all_equal_shapes(cond, uncond)
         cfg, tr = self.cfg, self.transformer
         tp = {"params": params["transformer"]}
-
-        def embed(ids, mask):
-            return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
-
         if cfg.guidance_scale > 0:
-            ctx = embed(
-                jnp.concatenate([text_ids, neg_ids]), jnp.concatenate([text_mask, neg_mask])
-            )
-            ctx_mask = jnp.concatenate([text_mask, neg_mask])
+            both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
+            ctx, ctx_mask = self._encode(params, both), both["text_mask"]
         else:
-            ctx, ctx_mask = embed(text_ids, text_mask), text_mask
+            ctx, ctx_mask = self._encode(params, cond), cond["text_mask"]
         kv = tr.apply(tp, ctx, method=tr.encode_context)  # Once per prompt, not per step.
 
         def logits_fn(tokens):
@@ -94,24 +93,25 @@ class MuseSampler:
     def __call__(
         self,
         params: dict[str, Any],
-        text_ids: jax.Array,
-        text_mask: jax.Array,
-        neg_ids: jax.Array,
-        neg_mask: jax.Array,
+        cond: dict[str, Any],
+        uncond: dict[str, Any],
         rng: jax.Array,
         init_tokens: jax.Array | None = None,
     ) -> Sample:
-        """Samples one image per row of `text_ids` [B, S].
+        """Samples one image per row of the conditioning.
 
         Args:
-          neg_ids, neg_mask: [B, S] the unconditional branch: the empty prompt, or a negative one.
+          params: {'transformer', 'tokenizer'[, 'text_encoder']}.
+          cond: the prompts' text input, {'text_ids', 'text_mask'} ([B, S]) or
+            {'text_emb' [B, S, D], 'text_mask'} (see `muse_jax.text.conditioning`).
+          uncond: the same for the unconditional branch: the empty prompt, or a negative one.
+          rng: PRNG key; the same key reproduces the same images.
           init_tokens: optional [B, L] tokens; positions equal to the mask id are generated, the
             others stay fixed (inpainting/outpainting). Default: everything generated.
         """
+        batch = cond["text_mask"].shape[0]
         if init_tokens is None:
             init_tokens = jnp.full(
-                (text_ids.shape[0], self.transformer.seq_len),
-                self.transformer.vocab_size,
-                jnp.int32,
+                (batch, self.transformer.seq_len), self.transformer.vocab_size, jnp.int32
             )
-        return self._jitted(params, text_ids, text_mask, neg_ids, neg_mask, rng, init_tokens)
+        return self._jitted(params, cond, uncond, rng, init_tokens)

@@ -18,10 +18,11 @@ import numpy as np
 import optax
 
 from muse_jax import parallel
-from muse_jax.data import tasks, vocabulary
+from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
 from muse_jax.sampling.sampler import MuseSampler
+from muse_jax.text.conditioning import TextConditioner
 from muse_jax.train import checkpoints, losses, optim, stage, summaries
 from muse_jax.train.state import TrainState
 
@@ -41,14 +42,15 @@ def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, 
 
 
 def load_for_sampling(config, workdir: str):
-    """(sampler, params, step) from the experiment's latest base and tokenizer checkpoints."""
+    """(sampler, params, step, conditioner) from the experiment's latest base and tokenizer
+    checkpoints (plus the frozen text encoder's weights when it runs in the graph)."""
     base = BaseStage(config, workdir)
     mesh = parallel.create_mesh(config)
     axis_rules = parallel.rules(config)
     abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
     state, step = checkpoints.load_params(base.stage_dir, abstract, "base")
-    tok_params, _ = load_tokenizer_params(config, workdir, mesh, axis_rules)
-    return base.sampler, base.sampler_params(state, {"tokenizer": tok_params}), step
+    frozen = base.frozen(mesh, axis_rules)
+    return base.sampler, base.sampler_params(state, frozen), step, base.conditioner
 
 
 @stage.register
@@ -58,30 +60,51 @@ class BaseStage(stage.Stage):
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
         self.tokenizer = factory.tokenizer(config)
-        vocab = vocabulary.get_vocabulary(config, tasks.data_dir(config, workdir))
-        self.text_encoder = factory.text_encoder(config, vocab.vocab_size)
+        self.conditioner = TextConditioner(config, workdir)
+        tcfg = self.stage_config.text_encoder
+        if self.conditioner.precomputed:
+            self.text_encoder = None
+            self.text_trainable = False
+        else:
+            self.text_encoder = factory.text_encoder(config, self.conditioner.vocab.vocab_size)
+            self.text_trainable = bool(tcfg.trainable)
         self.transformer = factory.base_transformer(config)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
-        empty_ids, empty_mask = tasks.encode_prompts(config, workdir, [""])
-        self.empty_ids, self.empty_mask = jnp.asarray(empty_ids), jnp.asarray(empty_mask)
+        self.empty = {k: jnp.asarray(v) for k, v in self.conditioner.encode([""]).items()}
         self.sampler = MuseSampler(
             self.transformer, self.text_encoder, self.tokenizer, config.sampling
         )
 
-    def init(self, rng: jax.Array) -> TrainState:
+    def _context_shape(self, text_params) -> tuple[int, ...]:
+        length = self.config.data.text_length
+        if self.text_encoder is None:
+            return (1,) + self.empty["text_emb"].shape[1:]
+        ids = jnp.zeros((1, length), jnp.int32)
+        out = jax.eval_shape(
+            lambda p: self.text_encoder.apply({"params": p}, ids, jnp.ones_like(ids)), text_params
+        )
+        return out.shape
+
+    def _text_init(self, rng: jax.Array):
         length = self.config.data.text_length
         ids = jnp.zeros((1, length), jnp.int32)
-        mask = jnp.ones((1, length), jnp.int32)
+        return self.text_encoder.init(rng, ids, jnp.ones_like(ids))["params"]
+
+    def init(self, rng: jax.Array) -> TrainState:
         t_rng, x_rng, rng = jax.random.split(rng, 3)
-        text_params = self.text_encoder.init(t_rng, ids, mask)["params"]
-        ctx = jax.eval_shape(
-            lambda: self.text_encoder.apply({"params": nn.unbox(text_params)}, ids, mask)
-        )
+        params = {}
+        if self.text_encoder is not None:
+            text_params = self._text_init(t_rng)
+            ctx_shape = self._context_shape(nn.unbox(text_params))
+            if self.text_trainable:
+                params["text_encoder"] = text_params
+        else:
+            ctx_shape = self._context_shape(None)
         tokens = jnp.zeros((1, self.transformer.seq_len), jnp.int32)
-        tr_params = self.transformer.init(x_rng, tokens, jnp.zeros(ctx.shape, ctx.dtype), mask)[
+        mask = jnp.ones(ctx_shape[:2], jnp.int32)
+        params["transformer"] = self.transformer.init(x_rng, tokens, jnp.zeros(ctx_shape), mask)[
             "params"
         ]
-        params = {"transformer": tr_params, "text_encoder": text_params}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -95,16 +118,39 @@ class BaseStage(stage.Stage):
         print(
             f"[base] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}"
         )
-        return {"tokenizer": params}
+        frozen = {"tokenizer": params}
+        if self.text_encoder is not None and not self.text_trainable:
+            frozen["text_encoder"] = self.frozen_text_encoder(mesh, axis_rules)
+        return frozen
+
+    def frozen_text_encoder(self, mesh, axis_rules) -> Any:
+        """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint."""
+        from muse_jax.text import loading
+
+        abstract, shardings = parallel.abstract_state(
+            self._text_init, jax.random.PRNGKey(0), mesh, axis_rules
+        )
+        return loading.load_text_encoder(self.config, abstract, shardings)
 
     def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        return tasks.batches(
+        it = tasks.batches(
             self.config,
             self.workdir,
             split="train",
             batch_size=self.train_config.batch_size,
             seed=seed,
+            keep_captions=self.conditioner.precomputed,
         )
+        if self.conditioner.precomputed:
+            return (self.conditioner.add_to_batch(b) for b in it)
+        return it
+
+    def encode_text(self, params, frozen, text: dict[str, jax.Array]) -> jax.Array:
+        """The transformer's context [B, S, D] from ids (encoder in the graph) or embeddings."""
+        if "text_emb" in text:
+            return text["text_emb"]
+        text_params = params["text_encoder"] if self.text_trainable else frozen["text_encoder"]
+        return self.text_encoder.apply({"params": text_params}, text["text_ids"], text["text_mask"])
 
     def train_step(
         self, state: TrainState, batch: dict[str, jax.Array], frozen: Any
@@ -117,17 +163,20 @@ class BaseStage(stage.Stage):
         tokens = jax.lax.stop_gradient(tokens)
         masked = mask_schedule.random_mask(mask_rng, tokens.shape, cfg.mask_schedule)
         inputs = jnp.where(masked, self.transformer.mask_id, tokens)
-        drop = jax.random.uniform(drop_rng, (tokens.shape[0], 1)) < cfg.cond_dropout
-        text_ids = jnp.where(drop, self.empty_ids, batch["text_ids"])
-        text_mask = jnp.where(drop, self.empty_mask, batch["text_mask"])
+        # Classifier-free guidance: some captions become the empty prompt.
+        drop = jax.random.uniform(drop_rng, (tokens.shape[0],)) < cfg.cond_dropout
+        text = {
+            k: jnp.where(drop.reshape((-1,) + (1,) * (batch[k].ndim - 1)), self.empty[k], batch[k])
+            for k in self.empty
+        }
 
         def loss_fn(params):
-            ctx = self.text_encoder.apply({"params": params["text_encoder"]}, text_ids, text_mask)
+            ctx = self.encode_text(params, frozen, text)
             logits = self.transformer.apply(
                 {"params": params["transformer"]},
                 inputs,
                 ctx,
-                text_mask,
+                text["text_mask"],
                 deterministic=False,
                 rngs={"dropout": dropout_rng},
             )
@@ -148,11 +197,12 @@ class BaseStage(stage.Stage):
         ), metrics
 
     def sampler_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
-        return {
-            "transformer": state.params["transformer"],
-            "text_encoder": state.params["text_encoder"],
-            "tokenizer": frozen["tokenizer"],
-        }
+        params = {"transformer": state.params["transformer"], "tokenizer": frozen["tokenizer"]}
+        if self.text_encoder is not None:
+            params["text_encoder"] = (
+                state.params["text_encoder"] if self.text_trainable else frozen["text_encoder"]
+            )
+        return params
 
     def write_summaries(self, state, frozen, writer, step: int):
         from muse_jax.eval import alignment_eval
@@ -161,9 +211,9 @@ class BaseStage(stage.Stage):
         prompts = list(ev.seen_prompts)[:4] + list(ev.held_out_prompts)[:4]
         result = alignment_eval.generate(
             self.config,
-            self.workdir,
             self.sampler,
             self.sampler_params(state, frozen),
+            self.conditioner,
             prompts,
             samples_per_prompt=4,
             seed=0,

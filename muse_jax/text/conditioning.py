@@ -1,0 +1,74 @@
+"""What the base stage conditions on: caption token ids (encoder in the graph) or precomputed
+embeddings (`config.base.text_embeddings`, written by `muse_jax.embed`) — one interface for both.
+
+Batches and prompts come out as {'text_ids', 'text_mask'} or {'text_emb', 'text_mask'}; the
+empty caption "" is the unconditional input of classifier-free guidance in both cases.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from muse_jax.data import tasks, vocabulary
+from muse_jax.text.embeddings import EmbeddingTable
+
+
+def embeddings_dir(config) -> str:
+    return config.base.get("text_embeddings", "")
+
+
+@functools.lru_cache(maxsize=4)
+def _table(directory: str) -> EmbeddingTable:
+    return EmbeddingTable(directory)
+
+
+class TextConditioner:
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        directory = embeddings_dir(config)
+        self.table = _table(os.path.abspath(directory)) if directory else None
+
+    @property
+    def precomputed(self) -> bool:
+        return self.table is not None
+
+    @functools.cached_property
+    def vocab(self):
+        return vocabulary.get_vocabulary(self.config, tasks.data_dir(self.config, self.workdir))
+
+    def encode(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        """Captions -> the model's text input (numpy, [N, S] / [N, S, D])."""
+        if self.table is not None:
+            emb, mask = self.table.lookup(captions)
+            return {"text_emb": emb, "text_mask": mask}
+        ids, mask = encode_ids(self.vocab, captions, self.config.data.text_length)
+        return {"text_ids": ids, "text_mask": mask}
+
+    def add_to_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Replaces a batch's captions by looked-up embeddings (precomputed mode)."""
+        captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch.pop("caption")]
+        batch.pop("text_ids", None)
+        batch.update(self.encode(captions))
+        return batch
+
+
+def encode_ids(vocab, captions: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """T5 convention: ids + EOS, zero padding; captions longer than `length` are cut with a warning."""
+    ids = np.zeros((len(captions), length), np.int32)
+    mask = np.zeros((len(captions), length), np.int32)
+    for i, caption in enumerate(captions):
+        toks = list(vocab.encode(caption))
+        if len(toks) + 1 > length:
+            warnings.warn(
+                f"Caption cut to {length} tokens (text_length): {caption[:80]!r}", stacklevel=2
+            )
+        toks = toks[: length - 1] + [vocab.eos_id]
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = 1
+    return ids, mask

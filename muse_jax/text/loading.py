@@ -1,0 +1,55 @@
+"""Loads a frozen text encoder's weights from the formats users have: T5X checkpoints (legacy
+tensorstore or orbax) and transformers-style safetensors directories. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_safetensors_dir(path: str) -> bool:
+    return os.path.isdir(path) and bool(
+        glob.glob(os.path.join(path, "*.safetensors"))
+        or os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    )
+
+
+def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
+    """Numpy parameter tree of a T5 v1.1 encoder from `path` (format auto-detected)."""
+    if not path:
+        raise FileNotFoundError(
+            "config.base.text_encoder.checkpoint is empty: point it at a T5X checkpoint directory "
+            "or a safetensors directory (config.json + model.safetensors)."
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Text encoder checkpoint {path} does not exist.")
+    if is_safetensors_dir(path):
+        from muse_jax.text import safetensors_t5
+
+        params = safetensors_t5.load_encoder_params(path, t5_config)
+    else:
+        from muse_jax.text import t5x_checkpoint
+
+        params = t5x_checkpoint.load_t5x_encoder(path, expected_shapes=expected_shapes)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if jax.tree.structure(got) != jax.tree.structure(expected_shapes) or got != expected_shapes:
+        raise ValueError(
+            f"Text encoder weights in {path} do not match config.base.text_encoder.preset."
+        )
+    return params
+
+
+def load_text_encoder(config, abstract: Any, shardings: Any) -> Any:
+    """The frozen encoder's parameters placed with `shardings` (abstract: its unboxed tree)."""
+    from muse_jax.models import t5
+
+    tcfg = config.base.text_encoder
+    expected = jax.tree.map(lambda x: tuple(x.shape), abstract)
+    params = load_t5_params(tcfg.checkpoint, expected, t5.get_config(tcfg.preset))
+    return jax.tree.map(
+        lambda x, a, s: jax.device_put(np.asarray(x, a.dtype), s), params, abstract, shardings
+    )
