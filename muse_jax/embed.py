@@ -108,10 +108,10 @@ def embed(
         outs = []
         for b in range(0, len(part), batch_size):
             n = len(part[b : b + batch_size])
-            pad = lambda a: np.pad(
-                a[b : b + n], [(0, batch_size - n), (0, 0)]
-            )  # One shape: one compile.
-            outs.append(np.asarray(encode(frozen_text, pad(ids), pad(mask)))[:n])
+            # Pad the last batch: one shape, one compilation.
+            batch_ids = np.pad(ids[b : b + n], [(0, batch_size - n), (0, 0)])
+            batch_mask = np.pad(mask[b : b + n], [(0, batch_size - n), (0, 0)])
+            outs.append(np.asarray(encode(frozen_text, batch_ids, batch_mask))[:n])
         emb = np.concatenate(outs)
         embeddings.write_chunk(output_dir, next_chunk, part, emb, mask, dtype)
         embeddings.write_meta(
