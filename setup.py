@@ -46,6 +46,7 @@ setup(
             "muse-sample=muse_jax.sample:run",
             "muse-pipeline=muse_jax.pipeline:run",
             "muse-embed=muse_jax.embed:run",
+            "muse-edit=muse_jax.edit:run",
         ],
     },
 )

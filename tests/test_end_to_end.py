@@ -77,10 +77,10 @@ def test_sample_binary_rejects_an_empty_prompt_and_a_workdir_without_checkpoints
 
 @pytest.mark.slow
 def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
-    from muse_jax import pipeline
+    from muse_jax.eval import report as report_lib
 
     config, workdir = trained_smoke
-    report = pipeline.evaluate_alignment(config, workdir)
+    report = report_lib.evaluate_alignment(config, workdir)
     n = config.eval.samples_per_prompt
     for split, prompts in (
         ("seen", config.eval.seen_prompts),

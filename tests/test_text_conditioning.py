@@ -7,10 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from muse_jax import embed
 from muse_jax.eval import alignment_eval
 from muse_jax.models import t5
-from muse_jax.text import embeddings, safetensors_t5
+from muse_jax.text import embeddings, precompute, safetensors_t5
 from muse_jax.text.conditioning import TextConditioner
 from muse_jax.train import base_stage, trainer
 
@@ -64,9 +63,9 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     checkpoint, params = t5_checkpoint
     config = _t5_config(smoke_workdir, checkpoint)
     workdir, table_dir = str(tmp_path / "exp"), str(tmp_path / "emb")
-    captions = embed.collect_captions(config, workdir, ["train", "test"], None)
+    captions = precompute.collect_captions(config, workdir, ["train", "test"], None)
     assert captions[0] == "" and len(set(captions)) == len(captions)
-    added = embed.embed(
+    added = precompute.embed(
         config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
     )
     assert added == len(captions)
@@ -90,13 +89,13 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     os.remove(embeddings.chunk_path(table_dir, chunks[-1]))
     missing = len(captions) - len(embeddings.EmbeddingTable(table_dir).row)
     assert (
-        embed.embed(
+        precompute.embed(
             config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
         )
         == missing
     )
     assert (
-        embed.embed(
+        precompute.embed(
             config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
         )
         == 0
