@@ -16,6 +16,20 @@ class UsageError(Exception):
     """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
 
 
+def require_prompt(value: str | None) -> str:
+    """The stripped prompt; an empty one is a usage error (it would mean unconditional sampling)."""
+    prompt = (value or "").strip()
+    if not prompt:
+        raise UsageError("--prompt is empty: give a caption, e.g. --prompt='a red circle'.")
+    return prompt
+
+
+def require_positive(flag: str, value: int) -> int:
+    if value < 1:
+        raise UsageError(f"--{flag} must be >= 1, got {value}.")
+    return value
+
+
 def check_no_extra_args(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")

@@ -126,11 +126,8 @@ def load_inputs(
 
 def main(argv):
     cli.check_no_extra_args(argv)
-    prompt = (_PROMPT.value or "").strip()
-    if not prompt:
-        raise cli.UsageError("--prompt is empty: give a caption, e.g. --prompt='a red circle'.")
-    if _NUM.value < 1:
-        raise cli.UsageError(f"--num_samples must be >= 1, got {_NUM.value}.")
+    prompt = cli.require_prompt(_PROMPT.value)
+    cli.require_positive("num_samples", _NUM.value)
     config = _CONFIG.value
     size = config.data.image_size
     image, mask = load_inputs(_MODE.value, _IMAGE.value, _MASK.value, _PAD.value, size)

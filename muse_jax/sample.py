@@ -29,11 +29,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces
 
 def main(argv):
     cli.check_no_extra_args(argv)
-    prompt = (_PROMPT.value or "").strip()
-    if not prompt:
-        raise cli.UsageError("--prompt is empty: give a caption, e.g. --prompt='a red circle'.")
-    if _NUM.value < 1:
-        raise cli.UsageError(f"--num_samples must be >= 1, got {_NUM.value}.")
+    prompt = cli.require_prompt(_PROMPT.value)
+    cli.require_positive("num_samples", _NUM.value)
     from muse_jax.eval import alignment_eval
     from muse_jax.train import base_stage, summaries
 
