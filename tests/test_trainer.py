@@ -134,3 +134,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, 
 def test_missing_tokenizer_checkpoint_is_a_clear_error(smoke_config, tmp_path):
     with pytest.raises(FileNotFoundError, match="No tokenizer checkpoint"):
         trainer.train(smoke_config, str(tmp_path), "base")
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_rerun_resumes(smoke_config, tmp_path):
+    train = smoke_config.tokenizer.train
+    train.time_budget_s = 1e-3  # Already spent by the time the first step ends.
+    result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
+    assert result.status == "time_budget" and result.step == 1
+    train.time_budget_s = 0.0
+    result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
+    assert result.status == "completed" and result.step == train.num_steps
+    logged = _read_scalars(os.path.join(str(tmp_path), "tokenizer"), "train/loss")
+    assert min(logged) == 1 and max(logged) == train.num_steps
