@@ -55,6 +55,9 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
         msg = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
         if any("No such file" in m for m in msg):
             sys.stderr.write(f"error: config file not found: {msg[-1]}\n")
+        elif any("Error whilst parsing config file" in m for m in msg):
+            # The config's own exception (e.g. an unknown preset) is the useful line.
+            sys.stderr.write(f"error: {msg[0].split(': Error')[0]}: {msg[-1]}\n")
         else:
             sys.stderr.write(f"error: {msg[0] if msg else 'bad flags'}\n")
     sys.exit(2)

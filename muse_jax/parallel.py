@@ -50,9 +50,26 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules: Rules) -> Any:
-    """Shardings for a (boxed) tree from its logical axis names; unnamed leaves replicate."""
+    """Shardings for a (boxed) tree from its logical axis names; unnamed leaves replicate.
+
+    A dimension that its mesh axes do not divide (a 27-word vocabulary over tensor=2) is
+    replicated instead of failing: small tables cost nothing replicated, big ones divide.
+    """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(axis_rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, list(axis_rules))
+    return jax.tree.map(_divisible, nn.unbox(abstract_tree), shardings)
+
+
+def _divisible(leaf: Any, sharding: NamedSharding) -> NamedSharding:
+    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape))
+    spec = []
+    for dim, axes in zip(
+        leaf.shape, tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    ):
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        div = int(np.prod([sizes[a] for a in names])) if names else 1
+        spec.append(axes if dim % div == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh, axis_rules: Rules) -> NamedSharding:
