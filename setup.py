@@ -47,6 +47,7 @@ setup(
             "muse-pipeline=muse_jax.pipeline:run",
             "muse-embed=muse_jax.embed:run",
             "muse-edit=muse_jax.edit:run",
+            "muse-sweep=muse_jax.sweep:main",
         ],
     },
 )

@@ -68,6 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.stage = "base"  # Which stage `muse_jax.train` runs: "tokenizer" | "base".
     config.seed = 0
     config.tokenizer_workdir = ""  # Empty: `<workdir>/tokenizer` of the same experiment.
+    # Multi-host: call jax.distributed.initialize() first (launch/tpu_train.sh sets
+    # MUSE_DISTRIBUTED=1, which does the same).
+    config.distributed = False
 
     config.data = ml_collections.ConfigDict(
         dict(

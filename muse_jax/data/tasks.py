@@ -111,6 +111,14 @@ def batches(
     ds = task.get_dataset(
         sequence_length=None, split=split, shuffle=False, seed=seed, use_cached=False
     )
+    # Multi-host: each process reads its own shard and a 1/process_count slice of the batch.
+    import jax
+
+    num_processes = jax.process_count()
+    if batch_size % num_processes:
+        raise ValueError(f"batch_size {batch_size} does not divide over {num_processes} processes.")
+    batch_size //= num_processes
+    ds = ds.shard(num_processes, jax.process_index())
     ds = ds.map(functools.partial(pad_text, length=config.data.text_length))
     keys = ("image", "text_ids", "text_mask") + (("caption",) if keep_captions else ())
     ds = ds.map(lambda ex: {k: ex[k] for k in keys})

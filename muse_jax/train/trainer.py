@@ -197,8 +197,17 @@ def _shown(metrics: dict[str, float]) -> list[str]:
     return [k for k in _SHOWN_FIRST if k in metrics]
 
 
+def maybe_initialize_distributed(config) -> None:
+    """Multi-host: `jax.distributed.initialize()` when MUSE_DISTRIBUTED=1 (set by
+    launch/tpu_train.sh) or `config.distributed`; on TPU VMs the coordinator, process count and
+    process id are detected. Must run before any other JAX call."""
+    if os.environ.get("MUSE_DISTRIBUTED", "") not in ("", "0") or config.get("distributed", False):
+        jax.distributed.initialize()
+
+
 def main_train(config, workdir: str) -> int:
     """Entry point body shared by the `train` binary; returns a process exit code."""
+    maybe_initialize_distributed(config)
     try:
         result = train(config, workdir)
     except FloatingPointError as e:

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Trains a muse_jax stage on this machine: the same entry point and flags as launch/tpu_train.sh.
+# Run `launch/local_train.sh --help` for the flags; `--dry-run` prints the commands and runs nothing.
+set -euo pipefail
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || {
+    echo "error: bash >= 4.4 is needed (this is $BASH_VERSION); on macOS: brew install bash" >&2
+    exit 2
+}
+
+usage() {
+    cat <<'EOF'
+Usage: launch/local_train.sh --config=CONFIG --workdir=DIR [options] [--config.a.b=VALUE ...]
+
+Runs `$PYTHON -m muse_jax.train --config=CONFIG --workdir=DIR [--config.stage=STAGE]
+[--config.a.b=VALUE ...]` here (PYTHON defaults to python3; install the package first with
+`pip install -e .`). With --sweep, it runs once per sweep point, in DIR/<point-name>, one after
+the other, and stops at the first run that fails.
+
+Options (`--flag=value` or `--flag value`):
+  --config=CONFIG          config file, e.g. configs/shapes_tiny.py (or configs/shapes_tiny.py:smoke)
+  --workdir=DIR            experiment directory
+  --stage=STAGE[,STAGE]    tokenizer | base | tokenizer,base (default: the config's stage);
+                           several stages run in that order; needed with --sweep
+  --sweep=FILE             a sweep file (configs/sweeps/X.py, see muse_jax/sweep.py): one run per
+                           point in DIR/<point-name>; its keys are checked against CONFIG first.
+                           Base-only sweeps share DIR's tokenizer and data
+                           (--config.tokenizer_workdir=DIR --config.data.data_dir=DIR/data)
+                           unless you set those keys.
+  --log-dir=DIR            also append each run's output to DIR/<run>.log
+  --dry-run                print every command, one per line, shell-quoted; run nothing
+  -h, --help               this help
+  --config.a.b=VALUE       config overrides, passed to every run (sweep points come after them)
+
+Example (the embedded default: one tokenizer, then six base runs):
+  launch/local_train.sh --config=configs/shapes_tiny.py --workdir=runs/sweep --stage=tokenizer
+  launch/local_train.sh --config=configs/shapes_tiny.py --workdir=runs/sweep --stage=base \
+      --sweep=configs/sweeps/shapes_lr.py --log-dir=runs/sweep/logs
+EOF
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# Quotes one word for a POSIX shell, like Python's shlex.quote.
+q() {
+    local s="$1" unsafe='[^A-Za-z0-9_@%+=:,./-]'
+    if [[ -n "$s" && ! "$s" =~ $unsafe ]]; then
+        printf '%s' "$s"
+    else
+        printf "'%s'" "${s//\'/\'\"\'\"\'}"
+    fi
+}
+
+# Quotes and joins words.
+qjoin() {
+    local out="" w
+    for w in "$@"; do
+        out+="${out:+ }$(q "$w")"
+    done
+    printf '%s' "$out"
+}
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+CONFIG=""
+WORKDIR=""
+STAGES=""
+SWEEP=""
+LOG_DIR=""
+DRY_RUN=0
+OVERRIDES=()
+
+while (($#)); do
+    arg="$1"
+    shift
+    if [[ "$arg" == --*=* ]]; then
+        key="${arg%%=*}"
+        value="${arg#*=}"
+        has_value=1
+    else
+        key="$arg"
+        value=""
+        has_value=0
+    fi
+    case "$key" in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --dry-run)
+            ((has_value)) && die "$key takes no value"
+            DRY_RUN=1
+            ;;
+        --config.*)
+            if ((!has_value)); then
+                (($#)) || die "$key needs a value"
+                value="$1"
+                shift
+            fi
+            OVERRIDES+=("$key=$value")
+            ;;
+        --config | --workdir | --stage | --sweep | --log-dir)
+            if ((!has_value)); then
+                (($#)) || die "$key needs a value"
+                value="$1"
+                shift
+            fi
+            [[ -n "$value" ]] || die "$key is empty"
+            case "$key" in
+                --config) CONFIG="$value" ;;
+                --workdir) WORKDIR="$value" ;;
+                --stage) STAGES="$value" ;;
+                --sweep) SWEEP="$value" ;;
+                --log-dir) LOG_DIR="$value" ;;
+            esac
+            ;;
+        *) die "unknown argument '$arg' (see launch/local_train.sh --help)" ;;
+    esac
+done
+
+[[ -n "$CONFIG" ]] || die "--config is required (see --help)"
+[[ -n "$WORKDIR" ]] || die "--workdir is required (see --help)"
+[[ -z "$SWEEP" || -n "$STAGES" ]] || die "--sweep needs --stage (base-only sweeps share WORKDIR's tokenizer)"
+[[ -f "${CONFIG%%:*}" ]] || die "config file not found: ${CONFIG%%:*}"
+[[ "$WORKDIR" == / ]] || WORKDIR="${WORKDIR%/}"
+
+IFS=',' read -r -a stage_list <<<"${STAGES:-}"
+for s in "${stage_list[@]}"; do
+    [[ "$s" == tokenizer || "$s" == base ]] || die "--stage must be tokenizer, base or tokenizer,base; got '$STAGES'"
+done
+
+# Runs: names and their overrides (one run without --sweep).
+run_names=()
+run_flags=()
+if [[ -n "$SWEEP" ]]; then
+    [[ -f "$SWEEP" ]] || die "sweep file not found: $SWEEP"
+    sweep_out="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m muse_jax.sweep "$SWEEP" --config="${CONFIG%%:*}")"
+    while IFS=$'\t' read -r point_name point_flags; do
+        run_names+=("$point_name")
+        run_flags+=("$point_flags")
+    done <<<"$sweep_out"
+else
+    run_names+=("")
+    run_flags+=("")
+fi
+
+has_override() {
+    local key="$1" f
+    shift
+    for f in "${OVERRIDES[@]}" "$@"; do
+        [[ "$f" == "$key="* ]] && return 0
+    done
+    return 1
+}
+
+LINES=()
+[[ -n "$LOG_DIR" ]] && LINES+=("mkdir -p $(q "$LOG_DIR")")
+for i in "${!run_names[@]}"; do
+    name="${run_names[$i]}"
+    point=()
+    eval "point=(${run_flags[$i]})" # Shell-quoted by muse_jax.sweep (shlex.join).
+    workdir="$WORKDIR${name:+/$name}"
+    extra=()
+    if [[ -n "$name" && " ${stage_list[*]} " != *" tokenizer "* ]]; then
+        has_override --config.tokenizer_workdir "${point[@]}" || extra+=(--config.tokenizer_workdir="$WORKDIR")
+        has_override --config.data.data_dir "${point[@]}" || extra+=(--config.data.data_dir="$WORKDIR/data")
+    fi
+    for stage in "${stage_list[@]:-}"; do
+        args=("$PYTHON" -m muse_jax.train --config="$CONFIG" --workdir="$workdir")
+        [[ -n "$stage" ]] && args+=(--config.stage="$stage")
+        args+=("${OVERRIDES[@]}" "${point[@]}" "${extra[@]}")
+        line="$(qjoin "${args[@]}")"
+        [[ -n "$LOG_DIR" ]] && line+=" 2>&1 | tee -a $(q "$LOG_DIR/${name:-train}.log")"
+        LINES+=("$line")
+    done
+done
+
+if ((DRY_RUN)); then
+    printf '%s\n' "${LINES[@]}"
+    exit 0
+fi
+
+for line in "${LINES[@]}"; do
+    echo "+ $line" >&2
+    bash -o pipefail -c "$line"
+done
