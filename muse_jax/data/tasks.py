@@ -37,10 +37,26 @@ def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
         held_out=tuple(d.held_out),
         two_object_prob=d.two_object_prob,
     )
-    if not builder.is_prepared():
+    import jax
+
+    # Built once, by process 0 (the workdir is shared on pods); the others wait for it.
+    if jax.process_index() == 0 and not builder.is_prepared():
         print(f"[data] building the shapes dataset in {builder.data_dir} ...", flush=True)
         tfds.disable_progress_bar()
         builder.download_and_prepare()  # Once: the config name hashes every parameter.
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("muse_jax:dataset_built")
+        builder = shapes_tfds.make_builder(
+            os.path.join(data_root, "tfds"),
+            image_size=d.image_size,
+            num_train=d.num_train,
+            num_test=d.num_test,
+            seed=d.get("dataset_seed", 0),
+            held_out=tuple(d.held_out),
+            two_object_prob=d.two_object_prob,
+        )
     return builder
 
 

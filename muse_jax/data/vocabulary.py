@@ -45,9 +45,11 @@ def train_shapes_vocabulary(path: str) -> str:
         num_threads=1,
         minloglevel=2,
     )
-    tmp = path.parent / (path.name + ".tmp")
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
     tmp.write_bytes(model.getvalue())
-    tmp.rename(path)  # Atomic: a concurrent or interrupted run never sees half a model.
+    # Atomic: a concurrent or interrupted run never sees half a model; concurrent writers (hosts
+    # of a pod) produce identical files, so the last replace wins harmlessly.
+    tmp.replace(path)
     return os.fspath(path)
 
 

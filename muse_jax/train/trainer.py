@@ -168,7 +168,9 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
                     f"[{stage.name}] step {step}/{num_steps} {shown} "
                     f"{rate:.2f} steps/s ETA {_format_eta((num_steps - step) / max(rate, 1e-9))}"
                 )
-            if step % tc.summary_every == 0 or is_last:
+            # Image summaries evaluate host-local batches: single-controller only (a side-car
+            # evaluator serves multi-host jobs).
+            if (step % tc.summary_every == 0 or is_last) and jax.process_count() == 1:
                 evals = stage.write_summaries(state, frozen, writer, step)
                 evals = {k: v for k, v in evals.items() if math.isfinite(v)}
                 if evals:

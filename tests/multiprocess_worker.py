@@ -1,0 +1,44 @@
+"""One process of a two-process training run on localhost (run by tests/test_multihost.py).
+
+Usage: python tests/multiprocess_worker.py PROCESS_ID PORT WORKDIR -> one JSON line.
+Each process owns 2 CPU devices; jax.distributed joins them into one 4-device mesh.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+
+from configs import shapes_tiny  # noqa: E402
+from muse_jax.train import trainer  # noqa: E402
+
+config = shapes_tiny.get_config("smoke")
+config.tokenizer.train.num_steps = 2
+tokenizer = trainer.train(config, workdir, "tokenizer")
+train = config.base.train
+train.num_steps, train.log_every, train.checkpoint_every = 4, 1, 2
+first = trainer.train(config, workdir, "base")
+train.num_steps = 6
+second = trainer.train(config, workdir, "base")
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "devices": jax.device_count(),
+            "local": jax.local_device_count(),
+            "tokenizer": [tokenizer.status, tokenizer.step],
+            "first": [first.status, first.step, first.metrics["loss"]],
+            "second": [second.status, second.step, second.metrics["loss"]],
+        }
+    ),
+    flush=True,
+)
