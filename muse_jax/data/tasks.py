@@ -26,9 +26,9 @@ def data_dir(config, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
+def _shapes_builder(config, data_root: str) -> tfds.core.DatasetBuilder:
     d = config.data
-    builder = shapes_tfds.make_builder(
+    return shapes_tfds.make_builder(
         os.path.join(data_root, "tfds"),
         image_size=d.image_size,
         num_train=d.num_train,
@@ -37,8 +37,12 @@ def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
         held_out=tuple(d.held_out),
         two_object_prob=d.two_object_prob,
     )
+
+
+def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
     import jax
 
+    builder = _shapes_builder(config, data_root)
     # Built once, by process 0 (the workdir is shared on pods); the others wait for it.
     if jax.process_index() == 0 and not builder.is_prepared():
         print(f"[data] building the shapes dataset in {builder.data_dir} ...", flush=True)
@@ -48,15 +52,7 @@ def _prepare_shapes(config, data_root: str) -> tfds.core.DatasetBuilder:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("muse_jax:dataset_built")
-        builder = shapes_tfds.make_builder(
-            os.path.join(data_root, "tfds"),
-            image_size=d.image_size,
-            num_train=d.num_train,
-            num_test=d.num_test,
-            seed=d.get("dataset_seed", 0),
-            held_out=tuple(d.held_out),
-            two_object_prob=d.two_object_prob,
-        )
+        builder = _shapes_builder(config, data_root)  # Re-read the finished dataset's info.
     return builder
 
 
