@@ -104,15 +104,7 @@ def superres_modules(config) -> tuple[MaskedTransformer, TinyTextEncoder, VQGAN]
     sr = config.superres
     m = sr.model
     tok = sr.tokenizer
-    vq = VQGAN(
-        channels=tok.channels,
-        channel_mult=tuple(tok.channel_mult),
-        num_res_blocks=tok.num_res_blocks,
-        embedding_dim=tok.embedding_dim,
-        codebook_size=tok.codebook_size,
-        norm_groups=tok.norm_groups,
-        patch_size=tok.get("patch_size", 1),
-    )
+    vq = factory.vqgan(tok)
     side = sr.image_size // vq.downsample_factor
     dtype = get_dtype(m.get("dtype", "float32"))
     high = MaskedTransformer(

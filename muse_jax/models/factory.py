@@ -9,8 +9,8 @@ from muse_jax.models.transformer import MaskedTransformer, TinyTextEncoder
 from muse_jax.models.vqgan import VQGAN
 
 
-def tokenizer(config) -> VQGAN:
-    m = config.tokenizer.model
+def vqgan(m) -> VQGAN:
+    """A VQGAN from a tokenizer model block (`config.tokenizer.model` or `config.superres.tokenizer`)."""
     return VQGAN(
         channels=m.channels,
         channel_mult=tuple(m.channel_mult),
@@ -19,10 +19,14 @@ def tokenizer(config) -> VQGAN:
         codebook_size=m.codebook_size,
         norm_groups=m.norm_groups,
         patch_size=m.get("patch_size", 1),
-        l2_normalize_codes=m.l2_normalize_codes,
-        commitment_cost=m.commitment_cost,
-        dtype=get_dtype(m.dtype),
+        l2_normalize_codes=m.get("l2_normalize_codes", True),
+        commitment_cost=m.get("commitment_cost", 0.25),
+        dtype=get_dtype(m.get("dtype", "float32")),
     )
+
+
+def tokenizer(config) -> VQGAN:
+    return vqgan(config.tokenizer.model)
 
 
 def token_grid(config) -> int:

@@ -8,7 +8,6 @@ clean exit, and a non-finite loss stops the run with the last good checkpoint ke
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -217,9 +216,3 @@ def main_train(config, workdir: str) -> int:
         return 3
     _log(f"[{result.stage}] {result.status} at step {result.step} after {result.wall_s:.0f}s")
     return 0
-
-
-def summary_json(result: TrainResult) -> str:
-    return json.dumps(
-        dataclasses.asdict(result), indent=2, default=lambda o: np.asarray(o).tolist()
-    )
