@@ -17,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 from clu import metric_writers, periodic_actions
 
 from muse_jax import parallel
