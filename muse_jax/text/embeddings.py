@@ -74,6 +74,16 @@ def completed_chunks(directory: str) -> list[int]:
     )
 
 
+def embedded_captions(directory: str) -> set[str]:
+    """Captions already in the table, reading only that field of each chunk (resuming must not
+    load gigabytes of embeddings)."""
+    captions: set[str] = set()
+    for i in completed_chunks(directory):
+        with np.load(chunk_path(directory, i)) as z:
+            captions.update(str(c) for c in z["captions"])
+    return captions
+
+
 class EmbeddingTable:
     """All chunks of a table in memory: caption -> ([S, D] float32 embedding, [S] mask)."""
 

@@ -48,7 +48,7 @@ def embed(
 
     from muse_jax import parallel
     from muse_jax.text import embeddings
-    from muse_jax.text.conditioning import TextConditioner, encode_ids
+    from muse_jax.text.conditioning import encode_ids
     from muse_jax.train.base_stage import BaseStage
 
     stage_config = config.copy_and_resolve_references()
@@ -64,12 +64,12 @@ def embed(
         )
     frozen_text = base.frozen_text_encoder(mesh, rules)
     encode = jax.jit(lambda p, ids, mask: base.text_encoder.apply({"params": p}, ids, mask))
-    vocab = TextConditioner(stage_config, workdir).vocab
+    vocab = base.conditioner.vocab
 
     done = set()
     chunks = embeddings.completed_chunks(output_dir) if os.path.isdir(output_dir) else []
     if chunks:
-        done = set(embeddings.EmbeddingTable(output_dir).row)
+        done = embeddings.embedded_captions(output_dir)
     todo = [c for c in captions if c not in done]
     next_chunk = (chunks[-1] + 1) if chunks else 0
     length = config.data.text_length
