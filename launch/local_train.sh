@@ -38,6 +38,7 @@ Example (the embedded default: one tokenizer, then six base runs):
 EOF
 }
 
+# shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,47 +106,15 @@ done
 [[ -f "${CONFIG%%:*}" ]] || die "config file not found: ${CONFIG%%:*}"
 [[ "$WORKDIR" == / ]] || WORKDIR="${WORKDIR%/}"
 
-IFS=',' read -r -a stage_list <<<"${STAGES:-}"
-for s in "${stage_list[@]}"; do
-    [[ "$s" == tokenizer || "$s" == base ]] || die "--stage must be tokenizer, base or tokenizer,base; got '$STAGES'"
-done
+parse_stages "$STAGES"
 
 # Runs: names and their overrides (one run without --sweep).
-run_names=()
-run_flags=()
-if [[ -n "$SWEEP" ]]; then
-    [[ -f "$SWEEP" ]] || die "sweep file not found: $SWEEP"
-    sweep_out="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m muse_jax.sweep "$SWEEP" --config="${CONFIG%%:*}")"
-    while IFS=$'\t' read -r point_name point_flags; do
-        run_names+=("$point_name")
-        run_flags+=("$point_flags")
-    done <<<"$sweep_out"
-else
-    run_names+=("")
-    run_flags+=("")
-fi
-
-has_override() {
-    local key="$1" f
-    shift
-    for f in "${OVERRIDES[@]}" "$@"; do
-        [[ "$f" == "$key="* ]] && return 0
-    done
-    return 1
-}
+expand_runs "$SWEEP" --config="${CONFIG%%:*}"
 
 LINES=()
 [[ -n "$LOG_DIR" ]] && LINES+=("mkdir -p $(q "$LOG_DIR")")
 for i in "${!run_names[@]}"; do
-    name="${run_names[$i]}"
-    point=()
-    eval "point=(${run_flags[$i]})" # Shell-quoted by muse_jax.sweep (shlex.join).
-    workdir="$WORKDIR${name:+/$name}"
-    extra=()
-    if [[ -n "$name" && " ${stage_list[*]} " != *" tokenizer "* ]]; then
-        has_override --config.tokenizer_workdir "${point[@]}" || extra+=(--config.tokenizer_workdir="$WORKDIR")
-        has_override --config.data.data_dir "${point[@]}" || extra+=(--config.data.data_dir="$WORKDIR/data")
-    fi
+    run_args "$i"
     for stage in "${stage_list[@]:-}"; do
         args=("$PYTHON" -m muse_jax.train --config="$CONFIG" --workdir="$workdir")
         [[ -n "$stage" ]] && args+=(--config.stage="$stage")
