@@ -322,13 +322,25 @@ def generate_example(
     Returns:
       (uint8 image [S, S, 3], caption).
     """
-    scene = sample_scene(
+    scene = example_scene(seed, split, index, held_out=held_out, two_object_prob=two_object_prob)
+    return render(scene, image_size), caption(scene)
+
+
+def example_scene(
+    seed: int,
+    split: str,
+    index: int,
+    *,
+    held_out: Collection[str] = (),
+    two_object_prob: float = 0.3,
+) -> Scene:
+    """The scene of example `index`: render it at several sizes for low/high-res pairs."""
+    return sample_scene(
         example_rng(seed, split, index),
         held_out=held_out,
         exclude_held_out=(split == "train"),
         two_object_prob=two_object_prob,
     )
-    return render(scene, image_size), caption(scene)
 
 
 def vocabulary_words() -> list[str]:

@@ -28,6 +28,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
     held_out: tuple[str, ...] = ()
     two_object_prob: float = 0.3
+    hr_image_size: int = 0
 
 
 def _params(
@@ -37,8 +38,9 @@ def _params(
     seed: int,
     held_out: Sequence[str],
     two_object_prob: float,
+    hr_image_size: int = 0,
 ) -> dict:
-    return dict(
+    params = dict(
         image_size=int(image_size),
         num_train=int(num_train),
         num_test=int(num_test),
@@ -47,6 +49,9 @@ def _params(
         held_out=tuple(sorted(shapes.normalize_held_out(held_out))),
         two_object_prob=float(two_object_prob),
     )
+    if hr_image_size:  # Only when set, so single-resolution datasets keep their names.
+        params["hr_image_size"] = int(hr_image_size)
+    return params
 
 
 def config_name(params: dict) -> str:
@@ -91,12 +96,13 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg: ShapesConfig = self.builder_config
-        s = cfg.image_size
+        s, hr = cfg.image_size, cfg.hr_image_size
+        features = {"image": tfds.features.Image(shape=(s, s, 3)), "caption": tfds.features.Text()}
+        if hr:  # The same scene at the super-res stage's resolution.
+            features["image_hr"] = tfds.features.Image(shape=(hr, hr, 3))
         return self.dataset_info_from_configs(
             description="Procedurally rendered coloured shapes with plain-English captions.",
-            features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(s, s, 3)), "caption": tfds.features.Text()}
-            ),
+            features=tfds.features.FeaturesDict(features),
             supervised_keys=("caption", "image"),
             # Keep records in index order so record i == generate_example(..., i);
             # training pipelines shuffle with tf.data anyway.
@@ -114,15 +120,16 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
         cfg: ShapesConfig = self.builder_config
         for i in range(num):
-            image, text = shapes.generate_example(
-                cfg.seed,
-                split,
-                i,
-                image_size=cfg.image_size,
-                held_out=cfg.held_out,
-                two_object_prob=cfg.two_object_prob,
+            scene = shapes.example_scene(
+                cfg.seed, split, i, held_out=cfg.held_out, two_object_prob=cfg.two_object_prob
             )
-            yield i, {"image": image, "caption": text}
+            record = {
+                "image": shapes.render(scene, cfg.image_size),
+                "caption": shapes.caption(scene),
+            }
+            if cfg.hr_image_size:
+                record["image_hr"] = shapes.render(scene, cfg.hr_image_size)
+            yield i, record
 
 
 def make_builder(
@@ -134,6 +141,7 @@ def make_builder(
     seed: int = 0,
     held_out: Sequence[str] = (),
     two_object_prob: float = 0.3,
+    hr_image_size: int = 0,
 ) -> tfds.core.DatasetBuilder:
     """Returns a shapes builder whose config name encodes all parameters.
 
@@ -149,6 +157,7 @@ def make_builder(
         seed=seed,
         held_out=held_out,
         two_object_prob=two_object_prob,
+        hr_image_size=hr_image_size,
     )
     # TFDS refuses a custom config that merely shares a registered config's
     # name, so reuse the registered object when the parameters are the defaults.
