@@ -65,7 +65,9 @@ def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.C
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "base"  # Which stage `muse_jax.train` runs: "tokenizer" | "base".
+    # Which stage `muse_jax.train` runs, in pipeline order: "tokenizer" | "base" |
+    # "superres_tokenizer" | "superres" | "decoder".
+    config.stage = "base"
     config.seed = 0
     config.tokenizer_workdir = ""  # Empty: `<workdir>/tokenizer` of the same experiment.
     # Multi-host: call jax.distributed.initialize() first (launch/tpu_train.sh sets
@@ -77,6 +79,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             dataset="shapes",
             data_dir="",  # Empty: `<workdir>/data`.
             image_size=32,
+            # The same scenes at the super-res stage's resolution (0: base stage only).
+            hr_image_size=64,
             num_train=20000,
             num_test=1000,
             two_object_prob=0.3,
@@ -150,6 +154,70 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
 
+    # Stage 3: the high-res tokenizer (64x64 images -> 16x16 tokens). Fully convolutional with
+    # the low-res tokenizer's architecture, so it starts from that tokenizer's weights
+    # (`init_from`; "" trains from scratch as the paper's separate f8 VQGAN does).
+    config.superres_tokenizer = ml_collections.ConfigDict(
+        dict(
+            model=ml_collections.ConfigDict(config.tokenizer.model.to_dict()),
+            loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
+            restart_dead_codes_every=50,
+            init_from="tokenizer",
+            train=_train(batch_size=16, num_steps=150, lr=1e-3),
+        )
+    )
+    config.superres_tokenizer.train.optimizer.warmup_steps = 20
+
+    # Stage 4: the super-res transformer: 16x16 high-res tokens given the 8x8 low-res tokens
+    # (through their own `lowres_depth` self-attention layers) and the text.
+    config.superres = ml_collections.ConfigDict(
+        dict(
+            model=ml_collections.ConfigDict(
+                dict(
+                    width=128,
+                    depth=3,
+                    lowres_depth=1,
+                    num_heads=4,
+                    mlp_dim=512,
+                    dropout=0.0,
+                    dtype="float32",
+                )
+            ),
+            mask_schedule="cosine",
+            cond_dropout=0.1,  # Drops the text only: the low-res tokens are always given.
+            label_smoothing=0.1,
+            train=_train(batch_size=32, num_steps=400, lr=1e-3),
+            # Its own decoding settings (the paper: ~24 base steps, ~8 super-res steps).
+            sampling=ml_collections.ConfigDict(
+                dict(
+                    num_steps=8,
+                    mask_schedule="cosine",
+                    temperature=1.0,
+                    temperature_final=0.5,
+                    choice_temperature=2.0,
+                    guidance_scale=1.0,
+                    guidance_schedule="linear",
+                    negative_prompt="",
+                )
+            ),
+        )
+    )
+
+    # Stage 5: decoder fine-tuning of the high-res tokenizer: encoder and codebook frozen, a
+    # deeper decoder (zero-initialised extra residual blocks: it starts as the trained decoder)
+    # trained with the tokenizer's losses. Sampling uses it when its checkpoint exists.
+    config.decoder = ml_collections.ConfigDict(
+        dict(
+            model=ml_collections.ConfigDict(
+                # channels: 0 keeps the tokenizer's width (loaded); wider starts those fresh.
+                dict(channels=0, extra_res_blocks=2)
+            ),
+            loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
+            train=_train(batch_size=16, num_steps=150, lr=5e-4),
+        )
+    )
+    config.decoder.train.optimizer.warmup_steps = 20
+
     config.sampling = ml_collections.ConfigDict(
         dict(
             num_steps=12,
@@ -200,6 +268,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # take about 200 s and 480 s, so these never trigger there.
     config.tokenizer.train.time_budget_s = 260.0
     config.base.train.time_budget_s = 560.0
+    config.superres_tokenizer.train.time_budget_s = 120.0
+    config.superres.train.time_budget_s = 240.0
+    config.decoder.train.time_budget_s = 120.0
 
     if arg == "smoke":
         _shrink(config)
@@ -224,7 +295,18 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     config.base.text_encoder.depth = 1
     config.base.text_encoder.num_heads = 2
     config.base.text_encoder.mlp_dim = 64
-    for stage in (config.tokenizer, config.base):
+    config.data.hr_image_size = 64
+    config.superres_tokenizer.model.update(config.tokenizer.model)
+    config.superres.model.update(dict(width=32, depth=1, lowres_depth=1, num_heads=2, mlp_dim=64))
+    config.superres.sampling.num_steps = 3
+    config.decoder.model.extra_res_blocks = 1
+    for stage in (
+        config.tokenizer,
+        config.base,
+        config.superres_tokenizer,
+        config.superres,
+        config.decoder,
+    ):
         stage.train.time_budget_s = 0.0
         stage.train.batch_size = 8
         stage.train.num_steps = 6

@@ -5,12 +5,14 @@ from __future__ import annotations
 import flax.linen as nn
 
 from muse_jax.models.layers import get_dtype
-from muse_jax.models.transformer import MaskedTransformer, TinyTextEncoder
+from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer, TinyTextEncoder
 from muse_jax.models.vqgan import VQGAN
 
 
-def vqgan(m) -> VQGAN:
-    """A VQGAN from a tokenizer model block (`config.tokenizer.model` or `config.superres.tokenizer`)."""
+def vqgan(m, decoder=None) -> VQGAN:
+    """A VQGAN from a tokenizer model block (`config.tokenizer.model` or
+    `config.superres_tokenizer.model`); `decoder` (`config.decoder.model`) widens/deepens the
+    decoder for decoder fine-tuning."""
     return VQGAN(
         channels=m.channels,
         channel_mult=tuple(m.channel_mult),
@@ -22,6 +24,8 @@ def vqgan(m) -> VQGAN:
         l2_normalize_codes=m.get("l2_normalize_codes", True),
         commitment_cost=m.get("commitment_cost", 0.25),
         dtype=get_dtype(m.get("dtype", "float32")),
+        decoder_channels=decoder.channels if decoder is not None else 0,
+        decoder_extra_res_blocks=decoder.extra_res_blocks if decoder is not None else 0,
     )
 
 
@@ -29,13 +33,32 @@ def tokenizer(config) -> VQGAN:
     return vqgan(config.tokenizer.model)
 
 
+def superres_tokenizer(config) -> VQGAN:
+    return vqgan(config.superres_tokenizer.model)
+
+
+def finetuned_decoder_vqgan(config) -> VQGAN:
+    """The super-res tokenizer with the fine-tuned decoder's architecture (same encoder/codebook)."""
+    return vqgan(config.superres_tokenizer.model, config.decoder.model)
+
+
+def _grid(model: VQGAN, size: int, what: str) -> int:
+    f = model.downsample_factor
+    if size <= 0 or size % f:
+        raise ValueError(f"{what} {size} is not a positive multiple of the tokenizer's factor {f}.")
+    return size // f
+
+
 def token_grid(config) -> int:
     """Side of the base stage's token grid: image_size / downsampling factor."""
-    f = tokenizer(config).downsample_factor
-    size = config.data.image_size
-    if size % f:
-        raise ValueError(f"image_size {size} is not divisible by the tokenizer's factor {f}.")
-    return size // f
+    return _grid(tokenizer(config), config.data.image_size, "data.image_size")
+
+
+def superres_token_grid(config) -> int:
+    """Side of the super-res stage's token grid: hr_image_size / its tokenizer's factor."""
+    return _grid(
+        superres_tokenizer(config), config.data.get("hr_image_size", 0), "data.hr_image_size"
+    )
 
 
 def base_transformer(config) -> MaskedTransformer:
@@ -50,6 +73,24 @@ def base_transformer(config) -> MaskedTransformer:
         mlp_dim=m.mlp_dim,
         dropout=m.dropout,
         dtype=get_dtype(m.dtype),
+    )
+
+
+def superres_transformer(config) -> SuperResTransformer:
+    m = config.superres.model
+    low, high = token_grid(config), superres_token_grid(config)
+    return SuperResTransformer(
+        vocab_size=config.superres_tokenizer.model.codebook_size,
+        seq_len=high * high,
+        lowres_vocab_size=config.tokenizer.model.codebook_size,
+        lowres_len=low * low,
+        width=m.width,
+        depth=m.depth,
+        lowres_depth=m.lowres_depth,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        dropout=m.get("dropout", 0.0),
+        dtype=get_dtype(m.get("dtype", "float32")),
     )
 
 

@@ -1,4 +1,4 @@
-"""The masked image-token transformer of Muse (base stage; super-res extends it).
+"""The masked image-token transformers of Muse: the base stage and the super-res stage.
 
 Bidirectional self-attention over image tokens, cross-attention to projected text embeddings,
 and a softmax over the codebook at every position. The [MASK] token is id `vocab_size`.
@@ -187,3 +187,93 @@ class TinyTextEncoder(nn.Module):
             )(x, self_mask=attn_mask)
         x = layers.LayerNorm(self.dtype)(x)
         return (x * mask[..., None]).astype(jnp.float32)
+
+
+class SuperResTransformer(nn.Module):
+    """Muse's super-resolution transformer: high-res tokens given low-res tokens and text.
+
+    The (unmasked) low-res tokens pass through their own self-attention stack; their outputs are
+    concatenated with the projected text embeddings and the result is the context every
+    high-res layer cross-attends to. Only the text part is ever dropped or replaced (guidance):
+    the low-res tokens are the stage's input, present in both branches.
+    """
+
+    vocab_size: int  # High-res codebook; [MASK] is `vocab_size`.
+    seq_len: int  # High-res tokens, e.g. 64 * 64.
+    lowres_vocab_size: int
+    lowres_len: int
+    width: int
+    depth: int
+    lowres_depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def setup(self) -> None:
+        self.lowres = TinyTextEncoder(
+            vocab_size=self.lowres_vocab_size,
+            max_length=self.lowres_len,
+            width=self.width,
+            depth=self.lowres_depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dtype=self.dtype,
+        )
+        self.text_proj = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+        )
+        self.high = MaskedTransformer(
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            dtype=self.dtype,
+        )
+
+    def encode_context(
+        self, context: jax.Array, context_mask: jax.Array, lowres_tokens: jax.Array
+    ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+        """(Every layer's cross-attention keys/values, their mask [B, S + lowres_len]).
+
+        Computed once per prompt and low-res image; the decoding loop only calls `logits`.
+        """
+        chex.assert_rank(lowres_tokens, 2)
+        chex.assert_axis_dimension(lowres_tokens, 1, self.lowres_len)
+        low = self.lowres(lowres_tokens, jnp.ones_like(lowres_tokens))
+        ctx = jnp.concatenate([self.text_proj(context).astype(low.dtype), low], axis=1)
+        mask = jnp.concatenate([context_mask, jnp.ones_like(lowres_tokens)], axis=1)
+        return self.high.encode_context(ctx), mask
+
+    def logits(
+        self,
+        tokens: jax.Array,
+        context_kv: ContextKV,
+        context_mask: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        return self.high.logits(tokens, context_kv, context_mask, deterministic)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        lowres_tokens: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits [B, L, vocab] for high-res tokens [B, L] (masked with `mask_id`), text [B, S, C]
+        with mask [B, S], and low-res tokens [B, lowres_len]."""
+        chex.assert_equal_shape_prefix((context, context_mask), 2)
+        kv, mask = self.encode_context(context, context_mask, lowres_tokens)
+        return self.logits(tokens, kv, mask, deterministic)

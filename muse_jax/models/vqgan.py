@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from muse_jax.models.layers import Dtype, constrain, partitioned
 
+_CONV_AXES = ("height", "width", "conv_in", "conv_out")
+
 
 def _conv(
     features: int,
@@ -26,20 +28,16 @@ def _conv(
     name: str | None = None,
     dtype: Dtype = jnp.float32,
     strides: int = 1,
+    zero_init: bool = False,
 ) -> nn.Conv:
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
         padding="SAME",
         dtype=dtype,
-        kernel_init=partitioned(
-            nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-            "height",
-            "width",
-            "conv_in",
-            "conv_out",
-        ),
+        kernel_init=partitioned(nn.initializers.zeros if zero_init else init, *_CONV_AXES),
         bias_init=partitioned(nn.initializers.zeros, "conv_out"),
         name=name,
     )
@@ -60,13 +58,14 @@ class ResBlock(nn.Module):
     channels: int
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    zero_init: bool = False  # Start as the identity: blocks added to a trained decoder.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nn.swish(_norm(self.norm_groups, x.shape[-1], self.dtype)(x))
         h = _conv(self.channels, 3, dtype=self.dtype)(h)
         h = nn.swish(_norm(self.norm_groups, self.channels, self.dtype)(h))
-        h = _conv(self.channels, 3, dtype=self.dtype)(h)
+        h = _conv(self.channels, 3, dtype=self.dtype, zero_init=self.zero_init)(h)
         if x.shape[-1] != self.channels:
             x = _conv(self.channels, 1, name="skip", dtype=self.dtype)(x)
         return x + h
@@ -101,7 +100,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Mirrors the encoder: resolution doubles per level, nearest-neighbour upsampling + conv."""
+    """Mirrors the encoder: resolution doubles per level, nearest-neighbour upsampling + conv.
+
+    `extra_res_blocks` (decoder fine-tuning) adds named, zero-initialised residual blocks after
+    each level's blocks, so a decoder loaded from a trained tokenizer starts as exactly that
+    decoder and fine-tuning can only add to it.
+    """
 
     channels: int
     channel_mult: Sequence[int]
@@ -110,6 +114,7 @@ class Decoder(nn.Module):
     patch_size: int = 1
     out_channels: int = 16  # Channels at full resolution after depth-to-space (patch_size > 1).
     dtype: Dtype = jnp.float32
+    extra_res_blocks: int = 0
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -119,6 +124,14 @@ class Decoder(nn.Module):
         for level, mult in enumerate(mults):
             for _ in range(self.num_res_blocks):
                 x = ResBlock(self.channels * mult, self.norm_groups, self.dtype)(x)
+            for i in range(self.extra_res_blocks):
+                x = ResBlock(
+                    self.channels * mult,
+                    self.norm_groups,
+                    self.dtype,
+                    True,
+                    name=f"extra_{level}_{i}",
+                )(x)
             if level < len(mults) - 1:
                 b, h, w, c = x.shape
                 x = jax.image.resize(x, (b, h * 2, w * 2, c), "nearest")
@@ -205,6 +218,9 @@ class VQGAN(nn.Module):
     l2_normalize_codes: bool = True
     commitment_cost: float = 0.25
     dtype: Dtype = jnp.float32
+    # Decoder fine-tuning (Muse section 2.3): a wider / deeper decoder than the encoder.
+    decoder_channels: int = 0  # 0: `channels`.
+    decoder_extra_res_blocks: int = 0
 
     @property
     def downsample_factor(self) -> int:
@@ -224,12 +240,13 @@ class VQGAN(nn.Module):
             self.codebook_size, self.embedding_dim, self.commitment_cost, self.l2_normalize_codes
         )
         self.decoder = Decoder(
-            self.channels,
+            self.decoder_channels or self.channels,
             tuple(self.channel_mult),
             self.num_res_blocks,
             self.norm_groups,
             self.patch_size,
             dtype=self.dtype,
+            extra_res_blocks=self.decoder_extra_res_blocks,
         )
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -242,6 +259,10 @@ class VQGAN(nn.Module):
         """images [B, H, W, 3] -> flat token ids [B, h * w] (row-major)."""
         _, ids, _ = self.encode(images)
         return ids.reshape(ids.shape[0], -1)
+
+    def decode_codes(self, z_q: jax.Array) -> jax.Array:
+        """Quantised codes [B, h, w, D] -> images (decoder fine-tuning trains only this)."""
+        return self.decoder(z_q)
 
     def decode_ids(self, ids: jax.Array) -> jax.Array:
         """Token ids [B, h, w] or [B, h * w] (square grid) -> images [B, H, W, 3] in about [-1, 1]."""

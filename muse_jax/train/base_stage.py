@@ -33,12 +33,10 @@ def tokenizer_dir(config, workdir: str) -> str:
 
 def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, int]:
     """The trained tokenizer's parameters (replicated/sharded by the rules) and their step."""
-    from muse_jax.train.tokenizer_stage import TokenizerStage
-
-    tok_stage = TokenizerStage(config, workdir)
-    abstract, _ = parallel.abstract_state(tok_stage.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    state, step = checkpoints.load_params(tokenizer_dir(config, workdir), abstract, "tokenizer")
-    return state.params["vq"], step
+    params, step = stage.load_trained(
+        config, workdir, "tokenizer", mesh, axis_rules, tokenizer_dir(config, workdir)
+    )
+    return params["vq"], step
 
 
 def load_for_sampling(config, workdir: str):
@@ -56,24 +54,35 @@ def load_for_sampling(config, workdir: str):
 @stage.register
 class BaseStage(stage.Stage):
     name = "base"
+    image_keys: tuple[str, ...] = ("image",)  # The resolutions `targets` reads.
 
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
         self.tokenizer = factory.tokenizer(config)
         self.conditioner = TextConditioner(config, workdir)
-        tcfg = self.stage_config.text_encoder
+        tcfg = self.config.base.text_encoder  # One text configuration for every stage.
         if self.conditioner.precomputed:
             self.text_encoder = None
             self.text_trainable = False
         else:
             self.text_encoder = factory.text_encoder(config, self.conditioner.vocab.vocab_size)
             self.text_trainable = bool(tcfg.trainable)
-        self.transformer = factory.base_transformer(config)
+        self.transformer = self.build_transformer()
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self.empty = {k: jnp.asarray(v) for k, v in self.conditioner.encode([""]).items()}
-        self.sampler = MuseSampler(
-            self.transformer, self.text_encoder, self.tokenizer, config.sampling
+        self.sampler = self.build_sampler()
+
+    def build_transformer(self):
+        return factory.base_transformer(self.config)
+
+    def build_sampler(self) -> MuseSampler:
+        return MuseSampler(
+            self.transformer, self.text_encoder, self.tokenizer, self.config.sampling
         )
+
+    def init_inputs(self) -> dict[str, jax.Array]:
+        """Extra inputs of the transformer beyond (tokens, context, mask), for `init`."""
+        return {}
 
     def _context_shape(self, text_params) -> tuple[int, ...]:
         length = self.config.data.text_length
@@ -102,9 +111,9 @@ class BaseStage(stage.Stage):
             ctx_shape = self._context_shape(None)
         tokens = jnp.zeros((1, self.transformer.seq_len), jnp.int32)
         mask = jnp.ones(ctx_shape[:2], jnp.int32)
-        params["transformer"] = self.transformer.init(x_rng, tokens, jnp.zeros(ctx_shape), mask)[
-            "params"
-        ]
+        params["transformer"] = self.transformer.init(
+            x_rng, tokens, jnp.zeros(ctx_shape), mask, **self.init_inputs()
+        )["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -116,7 +125,7 @@ class BaseStage(stage.Stage):
     def frozen(self, mesh, axis_rules) -> Any:
         params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules)
         print(
-            f"[base] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}"
+            f"[{self.name}] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}"
         )
         frozen = {"tokenizer": params}
         if self.text_encoder is not None and not self.text_trainable:
@@ -140,6 +149,7 @@ class BaseStage(stage.Stage):
             batch_size=self.train_config.batch_size,
             seed=seed,
             keep_captions=self.conditioner.precomputed,
+            images=self.image_keys,
         )
         if self.conditioner.precomputed:
             return (self.conditioner.add_to_batch(b) for b in it)
@@ -152,15 +162,21 @@ class BaseStage(stage.Stage):
         text_params = params["text_encoder"] if self.text_trainable else frozen["text_encoder"]
         return self.text_encoder.apply({"params": text_params}, text["text_ids"], text["text_mask"])
 
+    def targets(
+        self, batch: dict[str, jax.Array], frozen: Any
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(token ids the loss predicts [B, L], extra transformer inputs) from a batch."""
+        tokens = self.tokenizer.apply(
+            {"params": frozen["tokenizer"]}, batch["image"], method=self.tokenizer.tokenize
+        )
+        return jax.lax.stop_gradient(tokens), {}
+
     def train_step(
         self, state: TrainState, batch: dict[str, jax.Array], frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         cfg = self.stage_config
         rng, mask_rng, drop_rng, dropout_rng = jax.random.split(state.rng, 4)
-        tokens = self.tokenizer.apply(
-            {"params": frozen["tokenizer"]}, batch["image"], method=self.tokenizer.tokenize
-        )
-        tokens = jax.lax.stop_gradient(tokens)
+        tokens, inputs_kw = self.targets(batch, frozen)
         masked = mask_schedule.random_mask(mask_rng, tokens.shape, cfg.mask_schedule)
         inputs = jnp.where(masked, self.transformer.mask_id, tokens)
         # Classifier-free guidance: some captions become the empty prompt.
@@ -177,6 +193,7 @@ class BaseStage(stage.Stage):
                 inputs,
                 ctx,
                 text["text_mask"],
+                **inputs_kw,
                 deterministic=False,
                 rngs={"dropout": dropout_rng},
             )

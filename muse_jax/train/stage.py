@@ -49,6 +49,12 @@ class Stage(abc.ABC):
     def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
         """Endless host-local training batches."""
 
+    def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
+        """A fresh state's starting weights (e.g. from another stage's checkpoint); called
+        only when the stage has no checkpoint of its own, never on resume."""
+        del mesh, axis_rules
+        return state
+
     def frozen(self, mesh, axis_rules) -> Any:
         """Arrays the step reads but never trains (e.g. the tokenizer for the base stage)."""
         return None
@@ -70,8 +76,29 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 def get(name: str) -> type[Stage]:
     # Importing here registers the built-in stages without an import cycle.
-    from muse_jax.train import base_stage, tokenizer_stage  # noqa: F401
+    from muse_jax.train import (  # noqa: F401
+        base_stage,
+        decoder_stage,
+        superres_stage,
+        tokenizer_stage,
+    )
 
     if name not in _REGISTRY:
         raise ValueError(f"Unknown stage {name!r}; valid: {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
+
+
+def load_trained(
+    config, workdir: str, name: str, mesh, axis_rules, stage_dir: str | None = None
+) -> tuple[Any, int]:
+    """The latest trained parameters of stage `name` (sharded by the rules) and their step.
+
+    Raises FileNotFoundError with one clear line when that stage has no checkpoint.
+    """
+    from muse_jax import parallel
+    from muse_jax.train import checkpoints
+
+    other = get(name)(config, workdir)
+    abstract, _ = parallel.abstract_state(other.init, jax.random.PRNGKey(0), mesh, axis_rules)
+    state, step = checkpoints.load_params(stage_dir or other.stage_dir, abstract, name)
+    return state.params, step

@@ -23,21 +23,53 @@ from muse_jax.train import losses, optim, stage, summaries
 from muse_jax.train.state import TrainState
 
 
+def reconstruction_loss(
+    lc, disc: PatchDiscriminator | None, params: Any, recon: jax.Array, x: jax.Array, gan_on
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The VQGAN's pixel losses (L1, L2, edge) plus the hinge patch-GAN terms when `disc` is set;
+    shared by tokenizer training and decoder fine-tuning."""
+    l1 = jnp.mean(jnp.abs(recon - x))
+    l2 = jnp.mean((recon - x) ** 2)
+    edge = losses.edge_loss(recon, x)
+    loss = lc.l1_weight * l1 + lc.l2_weight * l2 + lc.edge_weight * edge
+    aux = {"l1": l1, "l2": l2, "edge": edge}
+    if disc is not None:
+        d = lambda p, img: disc.apply({"params": p}, img)
+        g_adv = -jnp.mean(d(jax.lax.stop_gradient(params["disc"]), recon))
+        real = d(params["disc"], x)
+        fake = d(params["disc"], jax.lax.stop_gradient(recon))
+        d_loss = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
+        loss = loss + gan_on * (lc.adversarial_weight * g_adv + d_loss)
+        aux.update(g_adv=g_adv, d_loss=d_loss)
+    return loss, aux
+
+
+def make_discriminator(lc) -> PatchDiscriminator | None:
+    return PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
+
+
 @stage.register
 class TokenizerStage(stage.Stage):
     name = "tokenizer"
+    image_key = "image"  # Which resolution of the dataset this tokenizer reads.
 
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
-        self.model = factory.tokenizer(config)
-        lc = self.stage_config.loss
-        self.disc = PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
+        self.model = self.build_model()
+        self.disc = make_discriminator(self.stage_config.loss)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self._eval_batch: np.ndarray | None = None
         self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
 
+    def build_model(self):
+        return factory.tokenizer(self.config)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
     def init(self, rng: jax.Array) -> TrainState:
-        size = self.config.data.image_size
+        size = self.image_size
         x = jnp.zeros((1, size, size, 3), jnp.float32)
         vq_rng, disc_rng, rng = jax.random.split(rng, 3)
         params = {"vq": self.model.init(vq_rng, x)["params"]}
@@ -59,8 +91,9 @@ class TokenizerStage(stage.Stage):
             split="train",
             batch_size=self.train_config.batch_size,
             seed=seed,
+            images=(self.image_key,),
         )
-        return ({"image": b["image"]} for b in it)
+        return ({"image": b[self.image_key]} for b in it)
 
     def train_step(
         self, state: TrainState, batch: dict[str, jax.Array], frozen: Any
@@ -73,20 +106,9 @@ class TokenizerStage(stage.Stage):
 
         def loss_fn(params):
             recon, ids, q = self.model.apply({"params": params["vq"]}, x)
-            l1 = jnp.mean(jnp.abs(recon - x))
-            l2 = jnp.mean((recon - x) ** 2)
-            edge = losses.edge_loss(recon, x)
-            loss = lc.l1_weight * l1 + lc.l2_weight * l2 + lc.edge_weight * edge
+            loss, aux = reconstruction_loss(lc, self.disc, params, recon, x, gan_on)
             loss = loss + lc.codebook_weight * q["codebook"]
-            aux = {"l1": l1, "l2": l2, "edge": edge, "codebook_loss": q["codebook"]}
-            if self.disc is not None:
-                d = lambda p, img: self.disc.apply({"params": p}, img)
-                g_adv = -jnp.mean(d(jax.lax.stop_gradient(params["disc"]), recon))
-                real = d(params["disc"], x)
-                fake = d(params["disc"], jax.lax.stop_gradient(recon))
-                d_loss = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
-                loss = loss + gan_on * (lc.adversarial_weight * g_adv + d_loss)
-                aux.update(g_adv=g_adv, d_loss=d_loss)
+            aux["codebook_loss"] = q["codebook"]
             return loss, (aux, ids, q["encodings"])
 
         (loss, (aux, ids, enc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -134,8 +156,9 @@ class TokenizerStage(stage.Stage):
                 seed=0,
                 shuffle=False,
                 repeat=False,
+                images=(self.image_key,),
             )
-            self._eval_batch = next(it)["image"]
+            self._eval_batch = next(it)[self.image_key]
         x = self._eval_batch
         recon = np.asarray(self._reconstruct(state.params["vq"], x))
         mse = float(np.mean((np.clip(recon, -1, 1) - x) ** 2))
@@ -143,3 +166,39 @@ class TokenizerStage(stage.Stage):
         image = summaries.upscale(summaries.grid(pairs, columns=16), 2)
         writer.write_images(step, {"reconstructions": image[None]})
         return {"eval/psnr": float(losses.psnr(mse))}
+
+
+@stage.register
+class SuperResTokenizerStage(TokenizerStage):
+    """The high-res tokenizer the super-res stage predicts tokens of (`config.superres_tokenizer`).
+
+    `init_from="tokenizer"` starts it from the trained low-res tokenizer: the VQGAN is fully
+    convolutional, so the same weights tokenize the larger images, just into more tokens.
+    """
+
+    name = "superres_tokenizer"
+    image_key = "image_hr"
+
+    def build_model(self):
+        return factory.superres_tokenizer(self.config)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.get("hr_image_size", 0)
+
+    def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
+        source = self.stage_config.get("init_from", "")
+        if not source:
+            return state
+        if source != "tokenizer":
+            raise ValueError(f"superres_tokenizer.init_from={source!r}; valid: 'tokenizer' or ''.")
+        from muse_jax.train.base_stage import load_tokenizer_params
+
+        if factory.tokenizer(self.config) != self.model:
+            raise ValueError(
+                "superres_tokenizer.init_from='tokenizer' needs the same model block as "
+                "config.tokenizer.model; set init_from='' to train it from scratch."
+            )
+        params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules)
+        print(f"[{self.name}] starting from the low-res tokenizer (step {step})", flush=True)
+        return state.replace(params={**state.params, "vq": params})

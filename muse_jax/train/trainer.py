@@ -96,6 +96,8 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract)
         _log(f"[{stage.name}] resumed from checkpoint step {ckpt.latest_step()}")
+    else:
+        state = stage.warm_start(state, mesh, axis_rules)
     start = int(state.step)
     num_steps = int(tc.num_steps)
     if start >= num_steps:

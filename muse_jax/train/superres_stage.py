@@ -1,0 +1,118 @@
+"""Stage 4: the super-resolution transformer (Muse section 2.4).
+
+It predicts the high-res tokenizer's tokens of an image from its (unmasked) low-res tokens and
+the caption. Training is the base stage's: cosine-scheduled masking of the high-res tokens,
+cross-entropy on the masked positions only, and caption dropout for classifier-free guidance
+(the low-res tokens are never dropped). Both tokenizers are frozen; the text conditioning is
+the base stage's configuration (a trainable tiny encoder gets its own weights here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from muse_jax.data import tasks
+from muse_jax.models import factory
+from muse_jax.sampling.sampler import SuperResSampler
+from muse_jax.train import stage, summaries
+from muse_jax.train.base_stage import BaseStage
+from muse_jax.train.state import TrainState
+
+
+@stage.register
+class SuperResStage(BaseStage):
+    name = "superres"
+    image_keys = ("image", "image_hr")
+
+    def __init__(self, config, workdir: str):
+        self.hr_tokenizer = factory.superres_tokenizer(config)
+        super().__init__(config, workdir)
+        self._eval_batch: dict[str, np.ndarray] | None = None
+        self._tokenize_low = jax.jit(
+            lambda p, x: self.tokenizer.apply({"params": p}, x, method=self.tokenizer.tokenize)
+        )
+
+    def build_transformer(self):
+        return factory.superres_transformer(self.config)
+
+    def build_sampler(self) -> SuperResSampler:
+        return SuperResSampler(
+            self.transformer, self.text_encoder, self.hr_tokenizer, self.stage_config.sampling
+        )
+
+    def init_inputs(self) -> dict[str, jax.Array]:
+        return {"lowres_tokens": jnp.zeros((1, self.transformer.lowres_len), jnp.int32)}
+
+    def frozen(self, mesh, axis_rules) -> Any:
+        frozen = super().frozen(mesh, axis_rules)
+        params, step = stage.load_trained(
+            self.config, self.workdir, "superres_tokenizer", mesh, axis_rules
+        )
+        print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
+        frozen["superres_tokenizer"] = params["vq"]
+        return frozen
+
+    def targets(
+        self, batch: dict[str, jax.Array], frozen: Any
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        low = self.tokenizer.apply(
+            {"params": frozen["tokenizer"]}, batch["image"], method=self.tokenizer.tokenize
+        )
+        high = self.hr_tokenizer.apply(
+            {"params": frozen["superres_tokenizer"]},
+            batch["image_hr"],
+            method=self.hr_tokenizer.tokenize,
+        )
+        return jax.lax.stop_gradient(high), {"lowres_tokens": jax.lax.stop_gradient(low)}
+
+    def sampler_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
+        params = super().sampler_params(state, frozen)
+        params["tokenizer"] = frozen["superres_tokenizer"]
+        return params
+
+    def write_summaries(self, state, frozen, writer, step: int):
+        """Super-res of held-out test images from their true low-res tokens: a grid of
+        (low-res input, super-res output, high-res original) rows and their alignment score."""
+        from muse_jax.eval import alignment
+
+        if self._eval_batch is None:
+            it = tasks.batches(
+                self.config,
+                self.workdir,
+                split="test",
+                batch_size=16,
+                seed=0,
+                shuffle=False,
+                repeat=False,
+                keep_captions=True,
+                images=self.image_keys,
+            )
+            self._eval_batch = next(it)
+        b = self._eval_batch
+        captions = [c.decode() for c in b["caption"]]
+        low = self._tokenize_low(frozen["tokenizer"], b["image"])
+        cond = self.conditioner.encode(captions)
+        uncond = {
+            k: np.repeat(v, len(captions), 0) for k, v in self.conditioner.encode([""]).items()
+        }
+        out = self.sampler(
+            self.sampler_params(state, frozen), cond, uncond, jax.random.PRNGKey(0), None, low
+        )
+        images = summaries.to_uint8(np.asarray(out.images))
+        scale = images.shape[1] // b["image"].shape[1]
+        rows = [
+            summaries.to_uint8(b["image"]).repeat(scale, axis=1).repeat(scale, axis=2),
+            images,
+            summaries.to_uint8(b["image_hr"]),
+        ]
+        grid = summaries.grid(np.concatenate(rows), columns=len(captions))
+        writer.write_images(step, {"superres": grid[None]})
+        try:
+            scores = alignment.score(images, captions)
+        except ValueError:  # Captions outside the shapes grammar.
+            return {}
+        return {f"eval/superres_alignment_{k}": v for k, v in scores.items() if k != "count"}
