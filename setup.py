@@ -21,9 +21,11 @@ setup(
         "chex>=0.1.92",
         "tensorboard>=2.21",
         "sentencepiece>=0.2",
+        "tokenizers>=0.21",  # CLIP score: CLIP's BPE tokenizer from the checkpoint's files
         "numpy",
         "scipy",
         "pillow",
+        "pyarrow",  # Reading img2dataset's parquet shards (also a tensorflow-datasets dependency).
         "absl-py",
         "etils",
         "ml-dtypes",
@@ -38,6 +40,8 @@ setup(
             "pytest-xdist>=3.8",
             "torch==2.13.0",
             "transformers>=5.20",
+            "pytorch-fid==0.3.0",  # FID reference network and distance (tests/test_fid.py)
+            "torchvision==0.28.0",  # pytorch-fid's dependency, pinned to match torch 2.13
         ],
     },
     entry_points={
@@ -47,6 +51,7 @@ setup(
             "muse-pipeline=muse_jax.pipeline:run",
             "muse-embed=muse_jax.embed:run",
             "muse-edit=muse_jax.edit:run",
+            "muse-evaluate=muse_jax.evaluate:run",
             "muse-sweep=muse_jax.sweep:main",
         ],
     },

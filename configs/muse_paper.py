@@ -28,8 +28,7 @@ for base model / VQGAN / Super-Resolution Model", sections 3-4, abstract):
   hidden 1024, MLP 4096. It goes with the 3B system; the CC3M system's super-res is only given
   as 268M (632M + 268M = "900M"), so the `632m` preset's super-res (the table's layout scaled
   down, keeping its 2:1 depth ratio: 10 layers + a 5-layer low-res encoder at 1024) is our
-  approximation of that number. The super-res stage is not implemented yet: `config.superres`
-  only records sizes for `muse_jax.sizing`.
+  approximation of that number.
 - VQGANs: codebook 8192; base channels 128, 2 residual blocks per resolution, no non-local
   blocks (appendix "VQGAN Architecture"); f=16 on 256x256 (16x16 tokens) and f=8 on 512x512
   (64x64 tokens) (section 3.2). Channel multipliers are MaskGIT's / taming's (not in the paper).
@@ -127,19 +126,35 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
     config.base.train.optimizer.update(dict(warmup_steps=5000, b1=0.9, b2=0.96, weight_decay=0.045))
     for stage in (config.tokenizer, config.base):
         stage.train.time_budget_s = 0.0
+    for stage in (
+        config.tokenizer,
+        config.base,
+        config.superres_tokenizer,
+        config.superres,
+        config.decoder,
+    ):
         stage.train.log_every = 100
         stage.train.summary_every = 5000
         stage.train.checkpoint_every = 5000
 
-    # Not implemented yet: sizes only, read by muse_jax.sizing (same MaskedTransformer class).
-    config.superres = ml_collections.ConfigDict(
-        dict(
-            image_size=512,
-            # f = 8: 512x512 -> 64x64 tokens (taming's f8 multipliers).
-            tokenizer=_vqgan((1, 2, 2, 4)),
-            model=ml_collections.ConfigDict(dict(**preset["superres"], dtype="bfloat16")),
-        )
-    )
+    # Super-res: 512x512 -> 64x64 tokens of a separate f8 VQGAN (taming's f8 multipliers),
+    # trained from scratch as in the paper (not warm-started from the f16 tokenizer).
+    config.data.hr_image_size = 512
+    config.superres_tokenizer.model = _vqgan((1, 2, 2, 4))
+    config.superres_tokenizer.loss.update(config.tokenizer.loss)
+    config.superres_tokenizer.restart_dead_codes_every = 0
+    config.superres_tokenizer.init_from = ""
+    config.superres_tokenizer.train = config.tokenizer.train.copy_and_resolve_references()
+    config.superres.model.update(dict(**preset["superres"], dtype="bfloat16"))
+    config.superres.train = config.base.train.copy_and_resolve_references()
+    config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5))
+    # Decoder fine-tuning: the paper adds residual layers and channels but gives no numbers.
+    config.decoder.model.update(dict(channels=0, extra_res_blocks=2))
+    config.decoder.train = config.tokenizer.train.copy_and_resolve_references()
+    config.decoder.train.num_steps = 100_000
+    for stage in (config.superres_tokenizer, config.superres, config.decoder):
+        stage.train.time_budget_s = 0.0
+        stage.train.optimizer.warmup_steps = 5000
     config.paper = ml_collections.ConfigDict(
         dict(
             base_params=preset["base_paper_params"],

@@ -150,7 +150,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             # A directory written by `python -m muse_jax.embed`: train on precomputed text
             # embeddings instead of running the text encoder (the paper's T5-XXL setting).
             text_embeddings="",
-            train=_train(batch_size=64, num_steps=700, lr=1e-3),
+            train=_train(batch_size=64, num_steps=650, lr=1e-3),
         )
     )
 
@@ -163,7 +163,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
             restart_dead_codes_every=50,
             init_from="tokenizer",
-            train=_train(batch_size=16, num_steps=150, lr=1e-3),
+            train=_train(batch_size=16, num_steps=100, lr=1e-3),
         )
     )
     config.superres_tokenizer.train.optimizer.warmup_steps = 20
@@ -186,7 +186,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             mask_schedule="cosine",
             cond_dropout=0.1,  # Drops the text only: the low-res tokens are always given.
             label_smoothing=0.1,
-            train=_train(batch_size=32, num_steps=400, lr=1e-3),
+            train=_train(batch_size=16, num_steps=250, lr=1e-3),
             # Its own decoding settings (the paper: ~24 base steps, ~8 super-res steps).
             sampling=ml_collections.ConfigDict(
                 dict(
@@ -213,10 +213,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 dict(channels=0, extra_res_blocks=2)
             ),
             loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
-            train=_train(batch_size=16, num_steps=150, lr=5e-4),
+            train=_train(batch_size=8, num_steps=80, lr=5e-4),
         )
     )
     config.decoder.train.optimizer.warmup_steps = 20
+    config.superres.train.optimizer.warmup_steps = 50
 
     config.sampling = ml_collections.ConfigDict(
         dict(
@@ -236,6 +237,41 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             seen_prompts=list(SEEN_PROMPTS),
             held_out_prompts=list(HELD_OUT_PROMPTS),
             samples_per_prompt=8,
+            # `python -m muse_jax.evaluate`: the metric plug-ins of muse_jax/eval/metrics.py to
+            # run: "alignment" (shapes captions only), "clip" and "fid" (these two need the
+            # weight files below, which the user supplies). A tuple, so that it can be overridden:
+            # --config.eval.metrics=alignment,clip,fid
+            metrics=("alignment",),
+            # "prompts": seen_prompts + held_out_prompts, samples_per_prompt images each;
+            # "dataset": the first caption of each of the first num_images records of `split`.
+            captions="prompts",
+            split="test",  # captions="dataset": the split the captions come from.
+            num_images=1000,  # captions="dataset": how many captions (one image each).
+            batch_size=64,  # Images per sampler call.
+            seed=1,  # Sampling seed of the first call of each prompt group (call k: seed + k).
+            grid_size=16,  # Samples (one per distinct caption) in the TensorBoard grid.
+            clip=ml_collections.ConfigDict(
+                dict(
+                    # A transformers CLIPModel directory (config.json, model.safetensors,
+                    # vocab.json + merges.txt), e.g. openai/clip-vit-large-patch14.
+                    checkpoint="",
+                    batch_size=32,
+                )
+            ),
+            fid=ml_collections.ConfigDict(
+                dict(
+                    # FID InceptionV3 weights (.safetensors / .npz): pytorch-fid's
+                    # pt_inception-2015-12-05-6726825d.pth converted with
+                    # `python -m muse_jax.eval.convert_inception`.
+                    inception_weights="",
+                    reference_split="test",  # Real images: this split of config.data ...
+                    num_reference=1000,  # ... its first this many (centre crops).
+                    # Reference statistics are cached here, keyed by dataset, split, count,
+                    # resolution and weights. Empty: `<workdir>/eval/fid_stats`.
+                    cache_dir="",
+                    batch_size=50,  # Images per Inception call.
+                )
+            ),
         )
     )
 

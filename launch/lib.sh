@@ -32,7 +32,10 @@ parse_stages() {
     IFS=',' read -r -a stage_list <<<"${1:-}"
     local s
     for s in "${stage_list[@]}"; do
-        [[ "$s" == tokenizer || "$s" == base ]] || die "--stage must be tokenizer, base or tokenizer,base; got '$1'"
+        case "$s" in
+            tokenizer | base | superres_tokenizer | superres | decoder) ;;
+            *) die "--stage must be a comma-separated list of tokenizer, base, superres_tokenizer, superres, decoder; got '$1'" ;;
+        esac
     done
 }
 

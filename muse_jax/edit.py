@@ -55,6 +55,13 @@ _NEGATIVE = flags.DEFINE_string(
 _NUM = flags.DEFINE_integer("num_samples", 4, "Edits to generate.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where PNGs are written.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces the edits.")
+_STAGES = flags.DEFINE_enum(
+    "stages",
+    None,
+    ["base", "cascade"],
+    "base: edit at the base resolution; cascade: base + super-res at the high resolution. "
+    "Default: cascade when the config has the super-res stages.",
+)
 
 
 def _open(path: str, what: str, mode: str):
@@ -129,17 +136,33 @@ def main(argv):
     prompt = cli.require_prompt(_PROMPT.value)
     cli.require_positive("num_samples", _NUM.value)
     config = _CONFIG.value
-    size = config.data.image_size
+    from muse_jax.stages import has_cascade
+
+    cascade = (_STAGES.value or ("cascade" if has_cascade(config) else "base")) == "cascade"
+    if cascade and not has_cascade(config):
+        raise cli.UsageError("--stages=cascade needs config.superres and data.hr_image_size > 0.")
+    size = config.data.hr_image_size if cascade else config.data.image_size
     image, mask = load_inputs(_MODE.value, _IMAGE.value, _MASK.value, _PAD.value, size)
 
     import jax
 
-    from muse_jax.eval import alignment
+    from muse_jax.eval import alignment, report
     from muse_jax.sampling import editing
-    from muse_jax.train import base_stage, summaries
+    from muse_jax.train import summaries
 
-    sampler, params, step, conditioner = base_stage.load_for_sampling(config, _WORKDIR.value)
-    stages = [editing.SamplerStage(sampler, params, size)]  # + a super-res stage when configured.
+    try:
+        sampler, params, steps, conditioner = report.load_sampler(config, _WORKDIR.value, cascade)
+    except FileNotFoundError as e:
+        hint = " (or edit with the base stage alone: --stages=base)" if cascade else ""
+        raise cli.UsageError(f"{e}{hint}") from None
+    step = steps["base"]
+    if cascade:
+        stages = [
+            editing.SamplerStage(sampler.base, params["base"], config.data.image_size),
+            editing.SamplerStage(sampler.superres, params["superres"], size),
+        ]
+    else:
+        stages = [editing.SamplerStage(sampler, params, size)]
     n = _NUM.value
     neg = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
     cond = conditioner.encode([prompt] * n)
@@ -180,7 +203,8 @@ def main(argv):
     summaries.save_png(panel, os.path.join(_OUT.value, "mask.png"))
     row = np.concatenate([image[None], np.repeat(panel[None, ..., None], 3, -1), out])
     summaries.save_png(
-        summaries.upscale(summaries.grid(row, len(row)), 4), os.path.join(_OUT.value, "grid.png")
+        summaries.upscale(summaries.grid(row, len(row)), max(1, 128 // size)),
+        os.path.join(_OUT.value, "grid.png"),
     )
     try:
         scores = alignment.score(out, [prompt] * n)
@@ -192,6 +216,8 @@ def main(argv):
         "negative_prompt": neg,
         "seed": _SEED.value,
         "base_step": step,
+        "steps": steps,
+        "image_size": size,
         "num_samples": n,
         "dilation": _DILATION.value,
         "feather": _FEATHER.value,

@@ -1,11 +1,14 @@
-r"""Binary: the whole embedded-default job: data -> tokenizer -> base -> samples -> alignment.
+r"""Binary: the whole embedded-default job, data -> the five stages -> samples -> scores.
 
   python -m muse_jax.pipeline --config=configs/shapes_tiny.py --workdir=runs/shapes
 
-Builds the procedural shapes dataset, trains the VQ tokenizer and the base transformer (each
-resumable: rerunning continues where it stopped), samples `eval.samples_per_prompt` images for
-every seen and held-out prompt, and writes `samples/{seen,held_out}.png`, `alignment.json` and
-TensorBoard summaries under `<workdir>/eval`. View with `tensorboard --logdir <workdir>`.
+Builds the procedural shapes dataset and trains, in order, the low-res VQ tokenizer, the base
+transformer, the high-res tokenizer, the super-res transformer and the fine-tuned decoder (each
+resumable: rerunning continues where it stopped; a config without `superres` stops after the
+base). Then it samples `eval.samples_per_prompt` images for every seen and held-out prompt
+through the cascade and scores both the base stage's own output and the cascade's; writes
+`samples/*.png`, `alignment.json` (with the plain vs fine-tuned decoder PSNR) and TensorBoard
+summaries under `<workdir>/eval`. View with `tensorboard --logdir <workdir>`.
 """
 
 from __future__ import annotations
@@ -29,20 +32,35 @@ def main(argv):
 
     t0 = time.time()
     config, workdir = _CONFIG.value, _WORKDIR.value
-    for stage in ("tokenizer", "base"):
+    from muse_jax import stages
+
+    cascade = stages.has_cascade(config)
+    for stage in stages.enabled(config):
         result = trainer.train(config, workdir, stage)
         print(
             f"[pipeline] {stage}: {result.status} at step {result.step} ({result.wall_s:.0f}s)",
             flush=True,
         )
+        if result.status == "preempted":  # SIGTERM: stop here; rerunning resumes this stage.
+            print("[pipeline] stopped by SIGTERM; rerun the same command to resume", flush=True)
+            return 0
+    from muse_jax.eval import reconstruction
     from muse_jax.eval import report as report_lib
 
-    report = report_lib.evaluate_alignment(config, workdir)
+    report = report_lib.evaluate_alignment(config, workdir, cascade=cascade)
+    if cascade:
+        report["decoder_psnr"] = reconstruction.decoder_psnr(config, workdir)
     report["wall_s"] = time.time() - t0
     with open(os.path.join(workdir, "alignment.json"), "w") as f:
         json.dump(report, f, indent=2)
     print("[pipeline] text-alignment score (fraction of samples whose pixels show the attribute):")
     print(report_lib.table(report))
+    if cascade:
+        d = report["decoder_psnr"]
+        print(
+            f"[pipeline] high-res reconstruction PSNR on {d['num_images']} held-out images: "
+            f"plain decoder {d['plain_db']:.2f} dB, fine-tuned decoder {d['finetuned_db']:.2f} dB"
+        )
     print(f"[pipeline] grids: {os.path.join(workdir, 'samples')}; tensorboard --logdir {workdir}")
     print(f"[pipeline] done in {report['wall_s'] / 60:.1f} min")
     return 0

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from muse_jax.models import factory, t5
 from muse_jax.models.layers import get_dtype
-from muse_jax.models.transformer import MaskedTransformer, TinyTextEncoder
+from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer
 from muse_jax.models.vqgan import VQGAN
 from muse_jax.parallel import MESH_AXES
 from muse_jax.train import optim
@@ -89,44 +89,13 @@ def text_encoder_module(config) -> nn.Module:
     return factory.text_encoder(config, vocab)
 
 
-def superres_modules(config) -> tuple[MaskedTransformer, TinyTextEncoder, VQGAN] | None:
-    """(high-res transformer, low-res token encoder, f8 VQGAN) from `config.superres`, if any.
+def superres_modules(config) -> tuple[SuperResTransformer, VQGAN] | None:
+    """(super-res transformer incl. its low-res encoder, high-res VQGAN), if configured."""
+    from muse_jax.stages import has_cascade
 
-    Approximation of the paper's super-res model (it is not implemented yet): the low-res
-    encoder is a stack of self-attention blocks over the base stage's tokens (the
-    `TinyTextEncoder` structure: embedding + positions + blocks + norm), and the high-res
-    transformer is the base `MaskedTransformer` over 64x64 tokens whose cross-attention reads
-    the projected T5 context (the paper concatenates the low-res outputs to it: same weights,
-    longer context).
-    """
-    if "superres" not in config:
+    if not has_cascade(config):
         return None
-    sr = config.superres
-    m = sr.model
-    tok = sr.tokenizer
-    vq = factory.vqgan(tok)
-    side = sr.image_size // vq.downsample_factor
-    dtype = get_dtype(m.get("dtype", "float32"))
-    high = MaskedTransformer(
-        vocab_size=tok.codebook_size,
-        seq_len=side * side,
-        width=m.width,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim,
-        dtype=dtype,
-    )
-    base_side = factory.token_grid(config)
-    low = TinyTextEncoder(
-        vocab_size=config.tokenizer.model.codebook_size + 1,
-        max_length=base_side * base_side,
-        width=m.width,
-        depth=m.lowres_depth,
-        num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim,
-        dtype=dtype,
-    )
-    return high, low, vq
+    return factory.superres_transformer(config), factory.superres_tokenizer(config)
 
 
 def _transformer_init(model: MaskedTransformer, context_len: int, context_dim: int) -> Callable:
@@ -144,8 +113,8 @@ COMPONENTS = ("tokenizer", "base", "superres", "text_encoder")
 def abstract_params(config, components: tuple[str, ...] = COMPONENTS) -> dict[str, Any]:
     """Boxed abstract parameter trees of the components (`jax.eval_shape`: nothing allocated).
 
-    "superres" adds the keys "superres" (transformer + low-res encoder) and "superres_tokenizer"
-    when the config has a `superres` block.
+    "superres" adds the keys "superres" (transformer incl. its low-res encoder) and
+    "superres_tokenizer" when the config has the super-res stages.
     """
     rng = jax.random.key(0)
     out = {}
@@ -162,22 +131,23 @@ def abstract_params(config, components: tuple[str, ...] = COMPONENTS) -> dict[st
         )
     sr = superres_modules(config) if "superres" in components else None
     if sr is not None:
-        high, low, vq8 = sr
-        hi_size = config.superres.image_size
+        high, vq8 = sr
+        hi_size = config.data.hr_image_size
         out["superres_tokenizer"] = jax.eval_shape(
             lambda r: vq8.init(r, jnp.zeros((1, hi_size, hi_size, 3)))["params"], rng
         )
-        out["superres"] = {
-            "transformer": jax.eval_shape(
-                _transformer_init(high, config.data.text_length, _context_dim(config)), rng
-            ),
-            "lowres_encoder": jax.eval_shape(
-                lambda r: low.init(
-                    r, jnp.zeros((1, low.max_length), jnp.int32), jnp.ones((1, low.max_length))
-                )["params"],
-                rng,
-            ),
-        }
+        t = config.data.text_length
+
+        def init_superres(r):
+            return high.init(
+                r,
+                jnp.zeros((1, high.seq_len), jnp.int32),
+                jnp.zeros((1, t, _context_dim(config))),
+                jnp.ones((1, t), jnp.int32),
+                jnp.zeros((1, high.lowres_len), jnp.int32),
+            )["params"]
+
+        out["superres"] = jax.eval_shape(init_superres, rng)
     if "text_encoder" in components:
         text = text_encoder_module(config)
         ids = jnp.zeros((1, config.data.text_length), jnp.int32)
@@ -354,7 +324,7 @@ def param_table(config, abstract: Mapping[str, Any] | None = None) -> list[tuple
     if "superres" in abstract:
         sr = count(abstract["superres"])
         rows.append(("super-res tokenizer (f8 VQGAN)", count(abstract["superres_tokenizer"]), None))
-        rows.append(("super-res (approx., + low-res enc)", sr, paper.get("superres_params")))
+        rows.append(("super-res (+ low-res encoder)", sr, paper.get("superres_params")))
     t = config.base.text_encoder
     rows.append(
         (

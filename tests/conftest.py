@@ -30,3 +30,19 @@ def trained_smoke(tmp_path_factory):
     trainer.train(config, workdir, "tokenizer")
     trainer.train(config, workdir, "base")
     return config, workdir
+
+
+@pytest.fixture(scope="session")
+def trained_cascade(trained_smoke, tmp_path_factory):
+    """A copy of `trained_smoke` with the super-res stages trained too (the original keeps only
+    the base stages, so tests of the one-stage path see exactly that)."""
+    import shutil
+
+    from muse_jax.train import trainer
+
+    config, source = trained_smoke
+    workdir = str(tmp_path_factory.mktemp("cascade") / "run")
+    shutil.copytree(source, workdir)
+    for stage in ("superres_tokenizer", "superres", "decoder"):
+        trainer.train(config, workdir, stage)
+    return config, workdir

@@ -171,7 +171,12 @@ def test_edit_binary_writes_edits_and_fails_in_one_line_on_bad_inputs(trained_sm
     mask = np.zeros((40, 48), np.uint8)
     mask[8:32, 8:32] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    common = [f"--workdir={workdir}", f"--image={tmp_path / 'in.png'}", "--num_samples=2"]
+    common = [
+        f"--workdir={workdir}",
+        f"--image={tmp_path / 'in.png'}",
+        "--num_samples=2",
+        "--stages=base",
+    ]
     out = tmp_path / "out"
     proc = _edit(
         *common,

@@ -35,6 +35,7 @@ def test_sample_binary_writes_one_png_per_sample_and_a_grid(trained_smoke, tmp_p
         "--num_samples=3",
         f"--output_dir={out}",
         "--seed=5",
+        "--stages=base",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
@@ -56,6 +57,7 @@ def test_sample_binary_writes_one_png_per_sample_and_a_grid(trained_smoke, tmp_p
         "--prompt=a large red circle on the left",
         "--num_samples=3",
         f"--output_dir={out2}",
+        "--stages=base",
         "--seed=5",
     )
     assert proc.returncode == 0
@@ -102,3 +104,49 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
     # The trainer wrote its own curves too.
     base = summaries.read_scalars(os.path.join(workdir, "base"))
     assert sorted(base["train/loss"]) == [2, 3, 4, 6]
+
+
+@pytest.mark.slow
+def test_sample_binary_runs_the_cascade_by_default(trained_cascade, tmp_path):
+    config, workdir = trained_cascade
+    out = tmp_path / "out"
+    proc = _sample(
+        f"--workdir={workdir}",
+        "--prompt=a large red circle on the left",
+        "--num_samples=2",
+        f"--output_dir={out}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hr, lr = config.data.hr_image_size, config.data.image_size
+    assert np.asarray(Image.open(out / "sample_000.png")).shape == (hr, hr, 3)
+    record = json.loads((out / "samples.json").read_text())
+    assert record["stages"] == "cascade" and record["image_size"] == hr
+    assert record["steps"] == {"base": 6, "superres": 6, "decoder": 6}
+    assert set(record["base_alignment"]) >= {"color", "shape"}
+    base_grid = np.asarray(Image.open(out / "grid_base.png"))
+    s = 128 // lr  # The base stage's own samples, in the same enlarged grid layout.
+    assert base_grid.shape[:2] == ((lr + 2) * s, (2 * (lr + 1) + 1) * s)
+
+
+@pytest.mark.slow
+def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cascade):
+    from muse_jax.eval import reconstruction
+    from muse_jax.eval import report as report_lib
+
+    config, workdir = trained_cascade
+    report = report_lib.evaluate_alignment(config, workdir, cascade=True)
+    n = config.eval.samples_per_prompt
+    for split in ("seen", "held_out"):
+        r = report[split]
+        assert r["image_size"] == config.data.hr_image_size
+        assert r["scores"]["count"] == r["base_scores"]["count"] == n * len(r["prompts"])
+        for name in (split, "base_" + split):
+            assert os.path.exists(os.path.join(workdir, "samples", f"{name}.png"))
+    scalars = summaries.read_scalars(os.path.join(workdir, "eval"))
+    np.testing.assert_allclose(
+        scalars["alignment/base_seen/color"][6], report["seen"]["base_scores"]["color"], rtol=1e-6
+    )
+    assert "cascade" in report_lib.table(report)
+    psnr = reconstruction.decoder_psnr(config, workdir, max_images=20, batch_size=8)
+    assert psnr["num_images"] == 20 and psnr["decoder_step"] == 6
+    assert 0 < psnr["plain_db"] < 60 and 0 < psnr["finetuned_db"] < 60

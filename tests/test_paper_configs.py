@@ -50,7 +50,7 @@ def test_632m_superres_approximates_paper():
 def test_vqgans_downsample_to_paper_grids():
     config = muse_paper.get_config("3b")
     vq16 = factory.tokenizer(config)
-    _, _, vq8 = sizing.superres_modules(config)
+    _, vq8 = sizing.superres_modules(config)
     for vq, size, side in ((vq16, 256, 16), (vq8, 512, 64)):
         x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
         init = functools.partial(vq.init_with_output, method=vq.tokenize)

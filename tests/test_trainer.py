@@ -46,7 +46,8 @@ def test_bad_config_key_fails_with_one_clear_line(tmp_path):
 def test_unknown_stage_lists_the_valid_ones(tmp_path):
     proc = _run([f"--config={CONFIG}:smoke", "--config.stage=superduper", f"--workdir={tmp_path}"])
     assert proc.returncode == 2
-    assert "error: Unknown stage 'superduper'; valid: ['base', 'tokenizer']" in proc.stderr
+    valid = "['base', 'decoder', 'superres', 'superres_tokenizer', 'tokenizer']"
+    assert f"error: Unknown stage 'superduper'; valid: {valid}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -136,7 +137,25 @@ def test_missing_tokenizer_checkpoint_is_a_clear_error(smoke_config, tmp_path):
         trainer.train(smoke_config, str(tmp_path), "base")
 
 
-def test_time_budget_stops_with_a_checkpoint_and_a_rerun_resumes(smoke_config, tmp_path):
+def _record_batches(monkeypatch) -> list[np.ndarray]:
+    """The images of every batch the trainer takes from TokenizerStage.batches, in order."""
+    seen: list[np.ndarray] = []
+    real_batches = TokenizerStage.batches
+
+    def recording(self, seed, start_step=0):
+        for batch in real_batches(self, seed, start_step):
+            seen.append(batch["image"].copy())
+            yield batch
+
+    monkeypatch.setattr(TokenizerStage, "batches", recording)
+    return seen
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_rerun_resumes(
+    smoke_config, tmp_path, monkeypatch
+):
+    uninterrupted = TokenizerStage(smoke_config, str(tmp_path)).batches(smoke_config.seed)
+    seen = _record_batches(monkeypatch)
     train = smoke_config.tokenizer.train
     train.time_budget_s = 1e-3  # Already spent by the time the first step ends.
     result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
@@ -146,3 +165,47 @@ def test_time_budget_stops_with_a_checkpoint_and_a_rerun_resumes(smoke_config, t
     assert result.status == "completed" and result.step == train.num_steps
     logged = _read_scalars(os.path.join(str(tmp_path), "tokenizer"), "train/loss")
     assert min(logged) == 1 and max(logged) == train.num_steps
+    # Before and after the restart: exactly the batches of one uninterrupted iterator.
+    assert len(seen) == train.num_steps
+    for batch in seen:
+        np.testing.assert_array_equal(batch, next(uninterrupted)["image"])
+
+
+@pytest.mark.slow
+def test_resume_sees_the_batches_and_reaches_the_state_of_an_uninterrupted_run(
+    smoke_config, tmp_path, monkeypatch
+):
+    """Interrupted after step 1 (time budget) and resumed: the batches of steps 1.. and the final
+    parameters equal those of a run that was never interrupted."""
+    seen: dict[str, list[np.ndarray]] = {}
+    real_batches = TokenizerStage.batches
+
+    def recording(self, seed, start_step=0):
+        log = seen.setdefault(self.workdir, [])
+        for batch in real_batches(self, seed, start_step):
+            log.append(batch["image"].copy())
+            yield batch
+
+    monkeypatch.setattr(TokenizerStage, "batches", recording)
+    smoke_config.data.data_dir = str(tmp_path / "data")  # Build the dataset once.
+    train = smoke_config.tokenizer.train
+    train.num_steps, train.summary_every = 4, 1000
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert trainer.train(smoke_config, whole, "tokenizer").step == 4
+    train.time_budget_s = 1e-3  # Spent by the end of the first step: stop there.
+    assert trainer.train(smoke_config, parts, "tokenizer").status == "time_budget"
+    train.time_budget_s = 0.0
+    assert trainer.train(smoke_config, parts, "tokenizer").step == 4
+
+    assert len(seen[whole]) == 4 and len(seen[parts]) == 1 + 3
+    for a, b in zip(seen[whole], seen[parts]):
+        np.testing.assert_array_equal(a, b)
+    stage = TokenizerStage(smoke_config, whole)
+    mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
+    abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    params = [
+        checkpoints.load_params(os.path.join(w, "tokenizer"), abstract, "tokenizer")[0].params
+        for w in (whole, parts)
+    ]
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -17,6 +17,9 @@ class Generated:
     captions: list[str]
     tokens: np.ndarray
     scores: dict[str, float]
+    # Cascade only: the base stage's own output (before super-res) and its scores.
+    lowres_images: np.ndarray | None = None
+    lowres_scores: dict[str, float] | None = None
 
 
 def generate(
@@ -40,8 +43,20 @@ def generate(
     uncond = {k: np.repeat(v, len(captions), 0) for k, v in conditioner.encode([neg]).items()}
     out = sampler(params, cond, uncond, jax.random.PRNGKey(seed))
     images = summaries.to_uint8(np.asarray(out.images))
+    low = getattr(out, "lowres_images", None)
+    low = None if low is None else summaries.to_uint8(np.asarray(low))
+    return Generated(
+        images=images,
+        captions=captions,
+        tokens=np.asarray(out.tokens),
+        scores=_score(images, captions),
+        lowres_images=low,
+        lowres_scores=None if low is None else _score(low, captions),
+    )
+
+
+def _score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     try:
-        scores = alignment.score(images, captions)
+        return alignment.score(images, captions)
     except ValueError:  # Prompts outside the shapes grammar cannot be checked.
-        scores = {}
-    return Generated(images=images, captions=captions, tokens=np.asarray(out.tokens), scores=scores)
+        return {}

@@ -1,22 +1,77 @@
-"""The embedded default's evaluation: sample seen and held-out prompts, score, write reports."""
+"""The embedded default's evaluation: sample seen and held-out prompts, score, write reports.
+
+With the super-res stages trained, the same samples are scored twice: the base stage's own
+output (low-res) and the cascade's (high-res), so the two numbers compare like with like.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 
-def evaluate_alignment(config, workdir: str) -> dict:
+ATTRIBUTES = ("color", "shape", "size", "position", "all")
+
+
+def load_sampler(config, workdir: str, cascade: bool, step: int | None = None):
+    """(sampler, params, {stage: step}, conditioner) for the base stage or the cascade.
+
+    `step` picks the base stage's checkpoint (default: its latest); the other stages use their
+    latest. A cascade at an older base step restores the base twice (once as the latest).
+    """
+    from muse_jax.train import base_stage, superres_stage
+
+    if step is not None:
+        base = _base_at_step(config, workdir, step)
+        if not cascade:
+            return base[0], base[1], {"base": step}, base[3]
+        sampler, params, steps, conditioner = superres_stage.load_cascade(config, workdir)
+        return sampler, {**params, "base": base[1]}, {**steps, "base": step}, conditioner
+    if cascade:
+        return superres_stage.load_cascade(config, workdir)
+    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir)
+    return sampler, params, {"base": step}, conditioner
+
+
+def _base_at_step(config, workdir: str, step: int):
+    """`base_stage.load_for_sampling` for a given (finalized) checkpoint step."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from muse_jax import parallel
+    from muse_jax.train import base_stage, checkpoints
+
+    base = base_stage.BaseStage(config, workdir)
+    mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)
+    directory = checkpoints.checkpoint_dir(base.stage_dir)
+    steps = sorted(ocp.path.step.checkpoint_steps(directory))  # Finalized ones only.
+    if step not in steps:
+        raise FileNotFoundError(f"No base checkpoint at step {step} in {directory} (has {steps}).")
+    abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
+    ckpt = checkpoints.Checkpointer(directory, asynchronous=False)
+    try:
+        state = ckpt.restore(abstract, step)
+    finally:
+        ckpt.close()
+    frozen = base.frozen(mesh, axis_rules)
+    return base.sampler, base.sampler_params(state, frozen), step, base.conditioner
+
+
+def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     """Samples the config's seen and held-out prompts; writes grids, JSON and TensorBoard."""
     from clu import metric_writers
 
     from muse_jax.data import shapes
     from muse_jax.eval import alignment, alignment_eval
-    from muse_jax.train import base_stage, summaries
+    from muse_jax.train import summaries
 
-    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir)
+    sampler, params, steps, conditioner = load_sampler(config, workdir, cascade)
+    step = steps["superres"] if cascade else steps["base"]
     writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"), asynchronous=False)
-    report: dict = {"base_step": step, "sampling": config.sampling.to_dict()}
+    report: dict = {"steps": steps, "sampling": config.sampling.to_dict(), "cascade": cascade}
+    if cascade:
+        report["superres_sampling"] = config.superres.sampling.to_dict()
     n = config.eval.samples_per_prompt
     for split, prompts in (
         ("seen", config.eval.seen_prompts),
@@ -26,25 +81,38 @@ def evaluate_alignment(config, workdir: str) -> dict:
         out = alignment_eval.generate(
             config, sampler, params, conditioner, prompts, samples_per_prompt=n, seed=1
         )
-        image = summaries.upscale(summaries.grid(out.images, columns=n), 4)
-        summaries.save_png(image, os.path.join(workdir, "samples", f"{split}.png"))
-        writer.write_images(step, {f"samples/{split}": image[None]})
-        writer.write_scalars(
-            step,
-            {f"alignment/{split}/{k}": v for k, v in out.scores.items() if k != "count" and v == v},
-        )
+        outputs = {"": out.images}
+        if out.lowres_images is not None:
+            outputs["base_"] = out.lowres_images
+            report[split] = {"base_scores": out.lowres_scores}
+        for prefix, images in outputs.items():
+            scale = max(1, 128 // images.shape[1])
+            image = summaries.upscale(summaries.grid(images, columns=n), scale)
+            summaries.save_png(image, os.path.join(workdir, "samples", f"{prefix}{split}.png"))
+            writer.write_images(step, {f"samples/{prefix}{split}": image[None]})
+        scored = {"": out.scores, "base_": out.lowres_scores or {}}
+        for prefix, scores in scored.items():
+            writer.write_scalars(
+                step,
+                {
+                    f"alignment/{prefix}{split}/{k}": v
+                    for k, v in scores.items()
+                    if k != "count" and v == v
+                },
+            )
         per_prompt = {
             p: alignment.score(out.images[i * n : (i + 1) * n], [p] * n)["all"]
             for i, p in enumerate(prompts)
         }
-        report[split] = {"scores": out.scores, "per_prompt_all": per_prompt, "prompts": prompts}
+        report.setdefault(split, {}).update(
+            scores=out.scores, per_prompt_all=per_prompt, prompts=prompts
+        )
+        report[split]["image_size"] = int(out.images.shape[1])
     # Reference: the same checker on real renderings of the seen prompts (its ceiling).
-    import numpy as np
-
     rng = np.random.default_rng(0)
+    size = int(report["seen"]["image_size"])
     real = [
-        shapes.render(shapes.scene_from_caption(p, rng), config.data.image_size)
-        for p in config.eval.seen_prompts
+        shapes.render(shapes.scene_from_caption(p, rng), size) for p in config.eval.seen_prompts
     ]
     report["checker_on_real_images"] = alignment.score(
         np.stack(real), list(config.eval.seen_prompts)
@@ -57,9 +125,17 @@ def evaluate_alignment(config, workdir: str) -> dict:
 
 def table(report: dict) -> str:
     """Per-attribute scores of seen and held-out prompts as a fixed-width text table."""
-    attrs = ("color", "shape", "size", "position", "all")
-    lines = [f"{'prompts':<10}" + "".join(f"{a:>10}" for a in attrs)]
+    lines = [f"{'prompts':<22}" + "".join(f"{a:>10}" for a in ATTRIBUTES)]
     for split in ("seen", "held_out"):
-        s = report[split]["scores"]
-        lines.append(f"{split:<10}" + "".join(f"{s.get(a, float('nan')):>10.3f}" for a in attrs))
+        r = report[split]
+        rows = [(f"{split}", r["scores"])]
+        if "base_scores" in r:
+            rows = [
+                (f"{split} base only", r["base_scores"]),
+                (f"{split} cascade {r['image_size']}px", r["scores"]),
+            ]
+        for name, s in rows:
+            lines.append(
+                f"{name:<22}" + "".join(f"{s.get(a, float('nan')):>10.3f}" for a in ATTRIBUTES)
+            )
     return "\n".join(lines)

@@ -199,7 +199,8 @@ class TokenStage(Protocol):
 
 
 class SamplerStage:
-    """The base stage: a `MuseSampler` and its params (`base_stage.load_for_sampling`)."""
+    """A stage of the cascade from its sampler and params: the base stage's `MuseSampler`, or
+    the super-res stage's `SuperResSampler` (which also takes the lower stage's tokens)."""
 
     def __init__(self, sampler, params: dict[str, Any], image_size: int):
         self.sampler, self.params, self.image_size = sampler, params, image_size
@@ -215,9 +216,15 @@ class SamplerStage:
         return np.asarray(self._tokenize(self.params["tokenizer"], jnp.asarray(images)))
 
     def sample(self, init_tokens, cond, uncond, rng, lower=None):
-        if lower is not None:
-            raise ValueError("The base stage is the first of the cascade: no lower tokens.")
-        return self.sampler(self.params, cond, uncond, rng, jnp.asarray(init_tokens, jnp.int32))
+        from muse_jax.sampling.sampler import SuperResSampler
+
+        if isinstance(self.sampler, SuperResSampler) != (lower is not None):
+            raise ValueError(
+                "A super-res stage needs the lower stage's tokens; the base stage takes none."
+            )
+        init = jnp.asarray(init_tokens, jnp.int32)
+        low = None if lower is None else jnp.asarray(lower, jnp.int32)
+        return self.sampler(self.params, cond, uncond, rng, init, low)
 
 
 def resize(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
@@ -262,7 +269,7 @@ def edit_with_mask(
     """Inpainting and outpainting: re-generate the tokens under `pixel_mask`, keep the rest.
 
     Args:
-      stages: the cascade, lowest resolution first (today: the base stage only).
+      stages: the cascade, lowest resolution first (base, or base + super-res).
       images: float [B, S, S, 3] in [-1, 1] at the last stage's resolution.
       pixel_mask: bool [B, S, S], True = re-generate.
       cond, uncond: text inputs ([B, ...]); `uncond` is the empty or a negative prompt.

@@ -16,19 +16,8 @@ def collect_captions(config, workdir: str, splits, prompts_file: str | None) -> 
             raise FileNotFoundError(f"--prompts_file {prompts_file} does not exist.")
         with open(prompts_file, encoding="utf-8") as f:
             captions += [line.strip() for line in f if line.strip()]
-    for split in splits:
-        it = tasks.batches(
-            config,
-            workdir,
-            split=split,
-            batch_size=1024,
-            seed=0,
-            shuffle=False,
-            repeat=False,
-            keep_captions=True,
-        )
-        for batch in it:
-            captions += [c.decode("utf-8") for c in batch["caption"]]
+    for split in splits:  # Every caption of every image (COCO has 5; training draws any).
+        captions += tasks.all_captions(config, workdir, split)
     return list(dict.fromkeys(captions))
 
 

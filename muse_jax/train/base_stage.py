@@ -141,13 +141,17 @@ class BaseStage(stage.Stage):
         )
         return loading.load_text_encoder(self.config, abstract, shardings)
 
-    def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    def data_stats(self) -> dict[str, float]:
+        return tasks.data_stats(self.config, self.workdir)
+
+    def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(
             self.config,
             self.workdir,
             split="train",
             batch_size=self.train_config.batch_size,
             seed=seed,
+            start_step=start_step,
             keep_captions=self.conditioner.precomputed,
             images=self.image_keys,
         )
@@ -171,6 +175,31 @@ class BaseStage(stage.Stage):
         )
         return jax.lax.stop_gradient(tokens), {}
 
+    def loss(
+        self,
+        params: Any,
+        frozen: Any,
+        inputs: jax.Array,
+        targets: jax.Array,
+        masked: jax.Array,
+        text: dict[str, jax.Array],
+        inputs_kw: dict[str, jax.Array],
+        dropout_rng: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(loss, accuracy): cross-entropy against `targets` on the `masked` positions only."""
+        ctx = self.encode_text(params, frozen, text)
+        logits = self.transformer.apply(
+            {"params": params["transformer"]},
+            inputs,
+            ctx,
+            text["text_mask"],
+            **inputs_kw,
+            deterministic=False,
+            rngs={"dropout": dropout_rng},
+        )
+        cfg = self.stage_config
+        return losses.masked_cross_entropy(logits, targets, masked, cfg.label_smoothing)
+
     def train_step(
         self, state: TrainState, batch: dict[str, jax.Array], frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -187,17 +216,7 @@ class BaseStage(stage.Stage):
         }
 
         def loss_fn(params):
-            ctx = self.encode_text(params, frozen, text)
-            logits = self.transformer.apply(
-                {"params": params["transformer"]},
-                inputs,
-                ctx,
-                text["text_mask"],
-                **inputs_kw,
-                deterministic=False,
-                rngs={"dropout": dropout_rng},
-            )
-            return losses.masked_cross_entropy(logits, tokens, masked, cfg.label_smoothing)
+            return self.loss(params, frozen, inputs, tokens, masked, text, inputs_kw, dropout_rng)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

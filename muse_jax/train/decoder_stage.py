@@ -94,13 +94,17 @@ class DecoderStage(stage.Stage):
         vq = self._tokenizer_params(mesh, axis_rules)
         return {"encoder": vq["encoder"], "quantizer": vq["quantizer"], "plain": vq}
 
-    def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    def data_stats(self) -> dict[str, float]:
+        return tasks.data_stats(self.config, self.workdir)
+
+    def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(
             self.config,
             self.workdir,
             split="train",
             batch_size=self.train_config.batch_size,
             seed=seed,
+            start_step=start_step,
             images=("image_hr",),
         )
         return ({"image": b["image_hr"]} for b in it)

@@ -46,8 +46,14 @@ class Stage(abc.ABC):
         """One optimisation step; pure and jittable. Metrics are scalars."""
 
     @abc.abstractmethod
-    def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        """Endless host-local training batches."""
+    def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Endless host-local training batches: exactly those an uninterrupted run would yield
+        from step `start_step` on (the trainer passes the restored step)."""
+
+    def data_stats(self) -> dict[str, float]:
+        """Scalars about the training data (e.g. records skipped at build time), written once
+        at the start step as `data/...`; building the data here also fails fast on a bad source."""
+        return {}
 
     def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
         """A fresh state's starting weights (e.g. from another stage's checkpoint); called

@@ -9,6 +9,7 @@ the base stage's configuration (a trainable tiny encoder gets its own weights he
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling.sampler import SuperResSampler
+from muse_jax.stages import has_cascade  # noqa: F401  (re-exported)
 from muse_jax.train import stage, summaries
 from muse_jax.train.base_stage import BaseStage
 from muse_jax.train.state import TrainState
@@ -116,3 +118,42 @@ class SuperResStage(BaseStage):
         except ValueError:  # Captions outside the shapes grammar.
             return {}
         return {f"eval/superres_alignment_{k}": v for k, v in scores.items() if k != "count"}
+
+
+def load_cascade(config, workdir: str):
+    """(CascadeSampler, params, {stage: checkpoint step}, conditioner) from the experiment's
+    base, super-res and (when trained) fine-tuned decoder checkpoints."""
+    from muse_jax import parallel
+    from muse_jax.sampling.sampler import CascadeSampler
+    from muse_jax.train import checkpoints
+    from muse_jax.train.base_stage import load_for_sampling
+    from muse_jax.train.decoder_stage import DecoderStage
+
+    base_sampler, base_params, base_step, conditioner = load_for_sampling(config, workdir)
+    mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)
+    sr = SuperResStage(config, workdir)
+    abstract, _ = parallel.abstract_state(sr.init, jax.random.PRNGKey(0), mesh, axis_rules)
+    state, sr_step = checkpoints.load_params(sr.stage_dir, abstract, "superres")
+    frozen = sr.frozen(mesh, axis_rules)
+    sr_params = sr.sampler_params(state, frozen)
+    steps = {"base": base_step, "superres": sr_step, "decoder": None}
+    decoder = sr.hr_tokenizer
+    dec = DecoderStage(config, workdir)
+    if os.path.isdir(checkpoints.checkpoint_dir(dec.stage_dir)):
+        abstract, _ = parallel.abstract_state(dec.init, jax.random.PRNGKey(0), mesh, axis_rules)
+        dec_state, steps["decoder"] = checkpoints.load_params(dec.stage_dir, abstract, "decoder")
+        sr_params["tokenizer"] = dec.finetuned_params(
+            dec_state,
+            {
+                "encoder": frozen["superres_tokenizer"]["encoder"],
+                "quantizer": frozen["superres_tokenizer"]["quantizer"],
+            },
+        )
+        decoder = dec.model
+    else:
+        print("[sample] no fine-tuned decoder checkpoint: decoding with the tokenizer's decoder")
+    superres_sampler = SuperResSampler(
+        sr.transformer, sr.text_encoder, decoder, config.superres.sampling
+    )
+    sampler = CascadeSampler(base_sampler, superres_sampler)
+    return sampler, {"base": base_params, "superres": sr_params}, steps, conditioner

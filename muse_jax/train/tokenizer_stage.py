@@ -84,13 +84,17 @@ class TokenizerStage(stage.Stage):
             extra={"usage": jnp.full((k,), 1.0 / k, jnp.float32)},
         )
 
-    def batches(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    def data_stats(self) -> dict[str, float]:
+        return tasks.data_stats(self.config, self.workdir)
+
+    def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(
             self.config,
             self.workdir,
             split="train",
             batch_size=self.train_config.batch_size,
             seed=seed,
+            start_step=start_step,
             images=(self.image_key,),
         )
         return ({"image": b[self.image_key]} for b in it)

@@ -85,6 +85,7 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     tc = stage.train_config
     os.makedirs(stage.stage_dir, exist_ok=True)
     save_config(config, stage.stage_dir)
+    data_stats = stage.data_stats()  # Builds the data first: a bad source fails before any jit.
 
     mesh = parallel.create_mesh(config)
     axis_rules = parallel.rules(config)
@@ -124,7 +125,10 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         stage.stage_dir, just_logging=jax.process_index() > 0, asynchronous=True
     )
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-    batches = stage.batches(seed=config.seed + start)  # A resumed run does not replay batches.
+    # Exact resume: the batches an uninterrupted run would see from step `start` on.
+    batches = stage.batches(seed=config.seed, start_step=start)
+    if data_stats:
+        writer.write_scalars(start, data_stats)
 
     _log(f"[{stage.name}] training steps {start} -> {num_steps} in {stage.stage_dir}")
     status, last_metrics = "completed", {}

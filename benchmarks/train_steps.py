@@ -1,0 +1,154 @@
+r"""Train-step throughput and MFU of every stage of a config, on random weights.
+
+Each stage's jitted train step (the trainer's: donated state, frozen inputs) runs on a synthetic
+batch of the stage's shapes; frozen parts (tokenizers, ...) are random initialisations, which
+costs the same FLOPs as trained ones. Prints steps/s, examples/s, XLA's FLOPs per step and the
+MFU against a float32 matmul measured in the same run, plus the seconds that `num_steps` of the
+config take at that rate (compile time reported apart).
+
+  python benchmarks/train_steps.py --config=configs/shapes_tiny.py
+  python benchmarks/train_steps.py --config=configs/shapes_tiny.py --stages=superres --steps=20
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from muse_jax import parallel  # noqa: E402
+from muse_jax.train import stage as stage_lib  # noqa: E402
+
+STAGES = ("tokenizer", "base", "superres_tokenizer", "superres", "decoder")
+
+
+def load_config(spec: str):
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+    """Achieved float32 FLOP/s of one large jitted matmul: the roofline MFU is measured against."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def random_frozen(name: str, config, workdir: str):
+    """What `Stage.frozen` would load from checkpoints, as random initialisations."""
+    params = lambda n: (
+        nn.unbox(stage_lib.get(n)(config, workdir).init(jax.random.PRNGKey(1))).params
+    )
+    if name in ("tokenizer", "superres_tokenizer"):
+        return None
+    if name == "decoder":
+        vq = params("superres_tokenizer")["vq"]
+        return {"encoder": vq["encoder"], "quantizer": vq["quantizer"], "plain": vq}
+    frozen = {"tokenizer": params("tokenizer")["vq"]}
+    if name == "superres":
+        frozen["superres_tokenizer"] = params("superres_tokenizer")["vq"]
+    return frozen
+
+
+def synthetic_batch(stage, config, batch_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    img = lambda s: rng.uniform(-1, 1, (batch_size, s, s, 3)).astype(np.float32)
+    lo, hi = config.data.image_size, config.data.get("hr_image_size", 0)
+    if stage.name in ("tokenizer", "superres_tokenizer", "decoder"):
+        return {"image": img(hi if stage.name != "tokenizer" else lo)}
+    length = config.data.text_length
+    batch = {
+        "image": img(lo),
+        "text_ids": rng.integers(1, 20, (batch_size, length)).astype(np.int32),
+        "text_mask": np.ones((batch_size, length), np.int32),
+    }
+    if stage.name == "superres":
+        batch["image_hr"] = img(hi)
+    return batch
+
+
+def bench(name: str, config, workdir: str, steps: int, peak: float) -> dict:
+    stage = stage_lib.get(name)(config, workdir)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    state, shardings, _ = parallel.jit_init(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    frozen = random_frozen(name, config, workdir)
+    bs = stage.train_config.batch_size
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(stage, config, bs).items()}
+
+    def step_fn(state, batch, frozen):
+        with nn.logical_axis_rules(list(rules)):
+            return stage.train_step(state, batch, frozen)
+
+    step = jax.jit(step_fn, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, frozen).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", float("nan")))
+    state, metrics = compiled(state, batch, frozen)  # Warm-up.
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    dt = (time.perf_counter() - t0) / steps
+    return dict(
+        stage=name,
+        batch=bs,
+        steps_per_s=1 / dt,
+        examples_per_s=bs / dt,
+        gflop_per_step=flops / 1e9,
+        mfu=flops / dt / peak,
+        compile_s=compile_s,
+        config_steps=int(stage.train_config.num_steps),
+        config_s=int(stage.train_config.num_steps) * dt,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/shapes_tiny.py")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--workdir", default="/tmp/muse_bench_train_steps")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    peak = matmul_peak()
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"float32 matmul (1024^3, jit): {peak / 1e9:.1f} GFLOP/s"
+    )
+    head = f"{'stage':<20}{'batch':>6}{'steps/s':>9}{'ex/s':>9}{'GFLOP/step':>12}{'MFU':>7}{'compile s':>11}{'config steps -> s':>19}"
+    print(head)
+    total = 0.0
+    for name in args.stages.split(","):
+        r = bench(name, config, args.workdir, args.steps, peak)
+        total += r["config_s"]
+        print(
+            f"{r['stage']:<20}{r['batch']:>6}{r['steps_per_s']:>9.2f}{r['examples_per_s']:>9.1f}"
+            f"{r['gflop_per_step']:>12.2f}{r['mfu']:>7.0%}{r['compile_s']:>11.1f}"
+            f"{r['config_steps']:>10} -> {r['config_s']:>5.0f}"
+        )
+    print(
+        f"all listed stages at these rates: {total / 60:.1f} min of steps (excl. compile, data, summaries)"
+    )
+
+
+if __name__ == "__main__":
+    main()

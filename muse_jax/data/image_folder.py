@@ -1,0 +1,75 @@
+"""Reader of a plain folder of images with a captions table (`file,caption` rows).
+
+The table is `<source_dir>/captions.csv` (comma-separated, standard CSV quoting) or
+`captions.tsv` (tab-separated, no quoting), or any file named by `captions_file`. File paths are
+relative to `source_dir` (absolute paths work too). A header row is optional: a first row whose
+first field is file/filename/image/path and whose second is caption/text is skipped. Several
+rows for the same file give that image several captions. Only listed files are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+
+from muse_jax.data.records import RawRecord, in_test_split
+
+_HEADER = ({"file", "filename", "file_name", "image", "path"}, {"caption", "text"})
+DEFAULT_NAMES = ("captions.csv", "captions.tsv")
+
+
+def captions_path(source_dir: str, captions_file: str = "") -> str:
+    """The captions table to read; ValueError with the path when the folder or table is absent."""
+    if not os.path.isdir(source_dir):
+        raise ValueError(f"Image folder {source_dir!r} does not exist.")
+    if captions_file:
+        path = captions_file if os.path.isabs(captions_file) else f"{source_dir}/{captions_file}"
+        if not os.path.isfile(path):
+            raise ValueError(f"Captions file {path!r} does not exist.")
+        return path
+    for name in DEFAULT_NAMES:
+        if os.path.isfile(f"{source_dir}/{name}"):
+            return f"{source_dir}/{name}"
+    raise ValueError(
+        f"Image folder {source_dir!r} has no {' or '.join(DEFAULT_NAMES)}; "
+        "set config.data.captions_file."
+    )
+
+
+def read_table(path: str) -> dict[str, list[str]]:
+    """{file: [captions]} in order of first appearance; a missing caption field is ''."""
+    tsv = path.endswith(".tsv")
+    # surrogateescape: a non-UTF-8 caption skips its record, not the whole table.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
+        table: dict[str, list[str]] = {}
+        for i, row in enumerate(reader):
+            if not row or not row[0].strip():
+                continue
+            if i == 0 and len(row) >= 2:
+                if row[0].strip().lower() in _HEADER[0] and row[1].strip().lower() in _HEADER[1]:
+                    continue
+            table.setdefault(row[0].strip(), []).append(row[1] if len(row) > 1 else "")
+    if not table:
+        raise ValueError(f"Captions file {path!r} lists no images.")
+    return table
+
+
+def fingerprint(path: str) -> list:
+    return [(os.path.basename(path), os.path.getsize(path))]
+
+
+def iter_records(
+    source_dir: str, captions_file: str, split: str, test_fraction: float
+) -> Iterator[RawRecord]:
+    for name, captions in read_table(captions_file).items():
+        if in_test_split(name, test_fraction) != (split == "test"):
+            continue
+        path = name if os.path.isabs(name) else f"{source_dir}/{name}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = None
+        yield RawRecord(name, data, list(captions))

@@ -1,0 +1,254 @@
+"""The super-res cascade: the super-res loss and conditioning, decoder fine-tuning, cascade
+sampling, and resuming the new stages."""
+
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax import parallel
+from muse_jax.data import tasks
+from muse_jax.sampling.sampler import CascadeSampler
+from muse_jax.train import checkpoints, trainer
+from muse_jax.train.base_stage import BaseStage
+from muse_jax.train.decoder_stage import DecoderStage
+from muse_jax.train.superres_stage import SuperResStage
+from muse_jax.train.tokenizer_stage import SuperResTokenizerStage, TokenizerStage
+
+
+@pytest.fixture(scope="module")
+def random_cascade(tmp_path_factory):
+    """Every stage of the smoke config at its random initialisation (no training)."""
+    from configs import shapes_tiny
+
+    config = shapes_tiny.get_config("smoke")
+    workdir = str(tmp_path_factory.mktemp("superres"))
+    base, sr = BaseStage(config, workdir), SuperResStage(config, workdir)
+    init = lambda stage, seed: nn.unbox(stage.init(jax.random.PRNGKey(seed))).params
+    lo_vq = init(TokenizerStage(config, workdir), 1)["vq"]
+    hi_vq = init(SuperResTokenizerStage(config, workdir), 2)["vq"]
+    base_p, sr_p = init(base, 3), init(sr, 4)
+    # Sharpen the random transformers so that their inputs visibly matter.
+    sharpen = lambda p: jax.tree.map(lambda x: x * 3, p)
+    params = {
+        "base": {
+            "transformer": sharpen(base_p["transformer"]),
+            "text_encoder": base_p["text_encoder"],
+            "tokenizer": lo_vq,
+        },
+        "superres": {
+            "transformer": sharpen(sr_p["transformer"]),
+            "text_encoder": sr_p["text_encoder"],
+            "tokenizer": hi_vq,
+        },
+    }
+    ids, mask = tasks.encode_prompts(
+        config, workdir, ["a large red circle on the left", "a small blue square at the top", ""]
+    )
+    cond = {"text_ids": ids[:2], "text_mask": mask[:2]}
+    uncond = {"text_ids": np.repeat(ids[2:], 2, 0), "text_mask": np.repeat(mask[2:], 2, 0)}
+    return config, base, sr, params, cond, uncond
+
+
+def _loss(sr, params, inputs, targets, masked, text, low):
+    loss, _ = sr.loss(
+        params, None, inputs, targets, masked, text, {"lowres_tokens": low}, jax.random.PRNGKey(0)
+    )
+    return float(loss)
+
+
+def test_superres_loss_reads_the_masked_high_res_positions_only(random_cascade):
+    _, _, sr, params, cond, _ = random_cascade
+    p = {
+        "transformer": params["superres"]["transformer"],
+        "text_encoder": params["superres"]["text_encoder"],
+    }
+    tr = sr.transformer
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, tr.vocab_size, (2, tr.seq_len)).astype(np.int32)
+    masked = rng.random((2, tr.seq_len)) < 0.5
+    inputs = np.where(masked, tr.mask_id, targets)
+    low = rng.integers(0, tr.lowres_vocab_size, (2, tr.lowres_len)).astype(np.int32)
+    ref = _loss(sr, p, inputs, targets, masked, cond, low)
+
+    # Other targets where the input is visible: the loss does not move, to the bit.
+    other = np.where(masked, targets, (targets + 1) % tr.vocab_size)
+    assert _loss(sr, p, inputs, other, masked, cond, low) == ref
+    # One other target at a masked position: it does.
+    i, j = np.argwhere(masked)[0]
+    changed = targets.copy()
+    changed[i, j] = (changed[i, j] + 1) % tr.vocab_size
+    assert abs(_loss(sr, p, inputs, changed, masked, cond, low) - ref) > 1e-6
+
+
+def test_lowres_tokens_reach_each_examples_logits(random_cascade):
+    config, _, sr, params, cond, _ = random_cascade
+    tr = sr.transformer
+    ctx = sr.encode_text(params["superres"], None, cond)
+    tokens = jnp.full((2, tr.seq_len), tr.mask_id, jnp.int32)
+    rng = np.random.default_rng(1)
+    low = rng.integers(0, tr.lowres_vocab_size, (2, tr.lowres_len)).astype(np.int32)
+    apply = jax.jit(
+        lambda low: tr.apply(
+            {"params": params["superres"]["transformer"]}, tokens, ctx, cond["text_mask"], low
+        )
+    )
+    before = np.asarray(apply(low))
+    low2 = low.copy()
+    low2[0, 3] = (low2[0, 3] + 1) % tr.lowres_vocab_size  # One token of example 0 only.
+    after = np.asarray(apply(low2))
+    assert np.max(np.abs(after[0] - before[0])) > 1e-3
+    np.testing.assert_array_equal(after[1], before[1])
+    assert before.shape == (2, tr.seq_len, config.superres_tokenizer.model.codebook_size)
+
+
+def test_cascade_returns_high_res_images_and_keeps_fixed_tokens_at_both_levels(random_cascade):
+    config, base, sr, params, cond, uncond = random_cascade
+    sampler = CascadeSampler(base.sampler, sr.sampler)
+    lo, hi = base.transformer, sr.transformer
+    init = np.full((2, lo.seq_len), lo.mask_id, np.int32)
+    init[:, :5] = [[1, 2, 3, 4, 5]]
+    init_hr = np.full((2, hi.seq_len), hi.mask_id, np.int32)
+    init_hr[:, -7:] = 9
+    out = sampler(params, cond, uncond, jax.random.PRNGKey(0), init, init_hr)
+    hr, lr = config.data.hr_image_size, config.data.image_size
+    assert out.images.shape == (2, hr, hr, 3)
+    assert out.lowres_images.shape == (2, lr, lr, 3)
+    np.testing.assert_array_equal(np.asarray(out.lowres_tokens)[:, :5], init[:, :5])
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, -7:], 9)
+    assert not np.any(np.asarray(out.tokens) == hi.mask_id)
+    assert not np.any(np.asarray(out.lowres_tokens) == lo.mask_id)
+    # The super-res stage ran on the base tokens it was given: re-running it alone on them
+    # with the same key reproduces the cascade's high-res tokens.
+    _, sr_key = jax.random.split(jax.random.PRNGKey(0))
+    alone = sr.sampler(params["superres"], cond, uncond, sr_key, init_hr, out.lowres_tokens)
+    np.testing.assert_array_equal(np.asarray(alone.tokens), np.asarray(out.tokens))
+    # A second call with new prompts of the same shape does not compile again.
+    sampler(params, uncond, cond, jax.random.PRNGKey(1), init, init_hr)
+    assert sampler._jitted._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_decoder(
+    trained_cascade,
+):
+    config, workdir = trained_cascade
+    stage = DecoderStage(config, workdir)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    state, shardings, _ = parallel.jit_init(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    state = stage.warm_start(state, mesh, rules)
+    frozen = stage.frozen(mesh, rules)
+    x = next(
+        tasks.batches(
+            config, workdir, split="test", batch_size=4, seed=0, shuffle=False, images=("image_hr",)
+        )
+    )["image_hr"]
+    recon = lambda m, p: np.asarray(m.apply({"params": p}, x)[0])
+    plain = recon(stage.plain, frozen["plain"])
+    np.testing.assert_allclose(
+        recon(stage.model, stage.finetuned_params(state, frozen)), plain, atol=1e-6
+    )
+
+    assert set(state.params) == {"decoder"}  # Encoder and codebook are not trainable state.
+    frozen_before = jax.tree.map(np.array, frozen)
+    decoder_before = jax.tree.map(np.array, state.params["decoder"])
+    step = jax.jit(stage.train_step, donate_argnums=(0,))
+    for _ in range(3):  # Warm-up starts at lr 0, and a zero-init block's first conv moves last.
+        state, metrics = step(state, {"image": x}, frozen)
+    assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, frozen, frozen_before)
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)), state.params["decoder"], decoder_before
+    )
+    assert all(jax.tree.leaves(changed["extra_0_0"])), changed["extra_0_0"]
+    # Same tokens in, so the plain and fine-tuned decoders see identical codes.
+    ids = lambda m, p: np.asarray(m.apply({"params": p}, x, method=m.tokenize))
+    np.testing.assert_array_equal(
+        ids(stage.model, stage.finetuned_params(state, frozen)), ids(stage.plain, frozen["plain"])
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["superres", "decoder"])
+def test_new_stages_resume_exactly_where_they_stopped(trained_cascade, tmp_path, name):
+    """Stopped at step 3 and resumed to 5 == trained straight to 5, to the bit."""
+    config, source = trained_cascade
+    config = config.copy_and_resolve_references()
+    config[name].train.summary_every = 1000
+    runs = {}
+    for how in ("straight", "resumed"):
+        workdir = str(tmp_path / how)
+        shutil.copytree(source, workdir)
+        shutil.rmtree(os.path.join(workdir, name))
+        if how == "resumed":
+            config[name].train.num_steps = 3
+            first = trainer.train(config, workdir, name)
+            assert (first.status, first.step) == ("completed", 3)
+        config[name].train.num_steps = 5
+        result = trainer.train(config, workdir, name)
+        assert (result.status, result.step) == ("completed", 5)
+        runs[how] = workdir
+
+    stage = {"superres": SuperResStage, "decoder": DecoderStage}[name](config, runs["straight"])
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    final = {
+        how: checkpoints.load_params(os.path.join(w, name), abstract, name)[0]
+        for how, w in runs.items()
+    }
+    jax.tree.map(np.testing.assert_array_equal, final["resumed"].params, final["straight"].params)
+    jax.tree.map(
+        np.testing.assert_array_equal, final["resumed"].opt_state, final["straight"].opt_state
+    )
+
+
+@pytest.mark.slow
+def test_inpainting_through_the_cascade_keeps_unmasked_tokens_and_pixels(trained_cascade, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from muse_jax.data import shapes
+    from muse_jax.eval import report
+    from muse_jax.sampling import editing
+
+    config, workdir = trained_cascade
+    sampler, params, _, conditioner = report.load_sampler(config, workdir, cascade=True)
+    lr, hr = config.data.image_size, config.data.hr_image_size
+    stages = [
+        editing.SamplerStage(sampler.base, params["base"], lr),
+        editing.SamplerStage(sampler.superres, params["superres"], hr),
+    ]
+    scene = shapes.scene_from_caption("a large red circle in the center", np.random.default_rng(0))
+    image = shapes.render(scene, hr).astype(np.float32)[None] / 127.5 - 1
+    mask = shapes.object_mask(scene.objects[0], hr)[None]
+    cond = conditioner.encode(["a large blue circle in the center"])
+    uncond = conditioner.encode([""])
+    res = editing.edit_with_mask(stages, image, mask, cond, uncond, jax.random.PRNGKey(0))
+    assert res.images.shape == (1, hr, hr, 3)
+    for level in range(2):  # Base and super-res tokens outside each level's mask: the input's.
+        tm = res.token_masks[level]
+        assert 0 < tm.sum() < tm.size
+        np.testing.assert_array_equal(res.tokens[level][~tm], res.input_tokens[level][~tm])
+    np.testing.assert_array_equal(res.images[~mask], image[~mask])
+
+    Image.fromarray(shapes.render(scene, hr)).save(tmp_path / "in.png")
+    Image.fromarray((mask[0] * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "muse_jax.edit",
+            f"--config={os.path.join(root, 'configs', 'shapes_tiny.py')}:smoke",
+            f"--workdir={workdir}", f"--image={tmp_path / 'in.png'}",
+            f"--mask={tmp_path / 'mask.png'}", "--prompt=a large blue circle in the center",
+            "--num_samples=1", f"--output_dir={tmp_path / 'out'}",
+        ],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.asarray(Image.open(tmp_path / "out" / "edit_000.png")).shape == (hr, hr, 3)
