@@ -145,7 +145,7 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
     config.superres_tokenizer.restart_dead_codes_every = 0
     config.superres_tokenizer.init_from = ""
     config.superres_tokenizer.train = config.tokenizer.train.copy_and_resolve_references()
-    config.superres.model.update(dict(**preset["superres"], dtype="bfloat16"))
+    config.superres.model.update(dict(**preset["superres"], dtype="bfloat16", aligned_lowres=False))
     config.superres.train = config.base.train.copy_and_resolve_references()
     config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5))
     # Decoder fine-tuning: the paper adds residual layers and channels but gives no numbers.

@@ -106,4 +106,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Shapes prompts would mean nothing here: sample summaries use these captions instead.
     config.eval.seen_prompts = ["a photo of a dog on a beach", "a red car parked on a street"]
     config.eval.held_out_prompts = ["a bowl of fruit on a wooden table"]
+    # `muse_jax.evaluate`: captions and reference images from the held-out split; the shapes
+    # alignment checker cannot read real photos. Point eval.clip.checkpoint and
+    # eval.fid.inception_weights at the weight files (README, "Evaluation").
+    config.eval.metrics = ("clip", "fid")
+    config.eval.captions = "dataset"
     return config

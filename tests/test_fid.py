@@ -205,10 +205,11 @@ def test_frechet_distance_matches_pytorch_fid(pfi, n):
 
     rng = np.random.default_rng(n)
     a, b = _stats(rng, n, 64), _stats(rng, n, 64, shift=0.3)
-    ours = fid.frechet_distance(a, b)
     ref = calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-    assert ours == pytest.approx(ref, abs=1e-3, rel=1e-6)
-    assert ours > 1.0
+    for method in ("eigh", "sqrtm"):
+        ours = fid.frechet_distance(a, b, method=method)
+        assert ours == pytest.approx(ref, abs=1e-3, rel=1e-6), method
+        assert ours > 1.0
 
 
 def test_frechet_distance_singular_product_adds_eps(pfi):
@@ -217,9 +218,12 @@ def test_frechet_distance_singular_product_adds_eps(pfi):
     d = 16
     a = fid.Statistics(np.zeros(d), np.ones((d, d)), 2)
     b = fid.Statistics(np.ones(d), np.outer(np.arange(d), np.arange(d)) * 1.0, 2)
-    ours = fid.frechet_distance(a, b)
+    ours = fid.frechet_distance(a, b, method="sqrtm")
     assert np.isfinite(ours)
     assert ours == pytest.approx(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma), abs=1e-3)
+    # The eigendecomposition needs no eps: finite, and the exact value within eps's effect.
+    exact = fid.frechet_distance(a, b, method="eigh")
+    assert np.isfinite(exact) and exact == pytest.approx(ours, rel=1e-3)
 
 
 @pytest.mark.slow

@@ -99,5 +99,5 @@ def test_quantizer_picks_the_nearest_codeword(l2):
 
 def test_token_grid_must_divide_the_image(smoke_config):
     smoke_config.data.image_size = 30
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="not a positive multiple"):
         factory.token_grid(smoke_config)

@@ -60,3 +60,18 @@ def _score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
         return alignment.score(images, captions)
     except ValueError:  # Prompts outside the shapes grammar cannot be checked.
         return {}
+
+
+def subset(generated: Generated, rows: slice) -> Generated:
+    """The samples `rows` of a `Generated` (e.g. one prompt group), re-scored on their own."""
+    images = generated.images[rows]
+    captions = generated.captions[rows]
+    low = None if generated.lowres_images is None else generated.lowres_images[rows]
+    return Generated(
+        images=images,
+        captions=captions,
+        tokens=generated.tokens[rows],
+        scores=_score(images, captions),
+        lowres_images=low,
+        lowres_scores=None if low is None else _score(low, captions),
+    )

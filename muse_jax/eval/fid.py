@@ -71,18 +71,39 @@ def statistics(features: np.ndarray) -> Statistics:
     return Statistics(x.mean(axis=0), np.cov(x, rowvar=False), x.shape[0])
 
 
-def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
-    """Fréchet distance of two Gaussians, numerically as `pytorch_fid.calculate_frechet_distance`.
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """Tr(sqrtm(S1 S2)) for symmetric PSD S1, S2, as the sum of the square roots of the
+    eigenvalues of sqrt(S1) S2 sqrt(S1) (similar to S1 S2, but symmetric): two `eigh` calls,
+    ~30x faster than `scipy.linalg.sqrtm` at 2048 dimensions and never complex."""
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(root @ s2 @ root)
+    return float(np.sum(np.sqrt(np.clip(eig, 0, None))))
 
-    With fewer images than dimensions the covariances are singular; when sqrtm of their product
-    is not finite, `eps` is added to both diagonals and it is retried. sqrtm may return tiny
-    imaginary parts from round-off: they are dropped, unless the diagonal's exceed 1e-3.
+
+def frechet_distance(
+    a: Statistics, b: Statistics, eps: float = 1e-6, method: str = "eigh"
+) -> float:
+    """Fréchet distance of two Gaussians.
+
+    `method="sqrtm"` is `pytorch_fid.calculate_frechet_distance` step for step: with fewer
+    images than dimensions the covariances are singular; when sqrtm of their product is not
+    finite, `eps` is added to both diagonals and it is retried; sqrtm's tiny imaginary parts from
+    round-off are dropped, unless the diagonal's exceed 1e-3. `method="eigh"` (the default)
+    computes the same trace from a symmetric eigendecomposition (see `_trace_sqrt_product`):
+    equal to within 1e-3 on well-posed inputs (tests/test_fid.py) and seconds instead of a
+    minute at 2048 dimensions on a CPU.
     """
     mu1, mu2 = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
     s1, s2 = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"Statistics of different dimensions: {mu1.shape} vs {mu2.shape}.")
     diff = mu1 - mu2
+    if method == "eigh":
+        tr = _trace_sqrt_product(s1, s2)
+        return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr)
+    if method != "sqrtm":
+        raise ValueError(f"Unknown method {method!r}; valid: 'eigh', 'sqrtm'.")
     with warnings.catch_warnings():  # The singular case is handled below; no need to shout.
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1.dot(s2))

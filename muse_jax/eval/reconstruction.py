@@ -12,7 +12,7 @@ import numpy as np
 from muse_jax.train import losses
 
 
-def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int = 100) -> dict:
+def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int = 250) -> dict:
     """{'plain_db', 'finetuned_db', 'num_images', 'decoder_step'} on the test split."""
     from muse_jax import parallel
     from muse_jax.data import tasks

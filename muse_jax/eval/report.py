@@ -73,14 +73,24 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     if cascade:
         report["superres_sampling"] = config.superres.sampling.to_dict()
     n = config.eval.samples_per_prompt
-    for split, prompts in (
-        ("seen", config.eval.seen_prompts),
-        ("held_out", config.eval.held_out_prompts),
-    ):
-        prompts = list(prompts)
-        out = alignment_eval.generate(
-            config, sampler, params, conditioner, prompts, samples_per_prompt=n, seed=1
-        )
+    splits = (
+        ("seen", list(config.eval.seen_prompts)),
+        ("held_out", list(config.eval.held_out_prompts)),
+    )
+    # One sampler call (one compilation) for every prompt, then split by prompt group.
+    every = alignment_eval.generate(
+        config,
+        sampler,
+        params,
+        conditioner,
+        [p for _, prompts in splits for p in prompts],
+        samples_per_prompt=n,
+        seed=1,
+    )
+    start = 0
+    for split, prompts in splits:
+        out = alignment_eval.subset(every, slice(start, start + n * len(prompts)))
+        start += n * len(prompts)
         outputs = {"": out.images}
         if out.lowres_images is not None:
             outputs["base_"] = out.lowres_images

@@ -91,6 +91,7 @@ def superres_transformer(config) -> SuperResTransformer:
         mlp_dim=m.mlp_dim,
         dropout=m.get("dropout", 0.0),
         dtype=get_dtype(m.get("dtype", "float32")),
+        aligned_lowres=m.get("aligned_lowres", False),
     )
 
 

@@ -128,11 +128,15 @@ class MaskedTransformer(nn.Module):
         context_kv: ContextKV,
         context_mask: jax.Array,
         deterministic: bool = True,
+        input_embed: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, L, vocab_size] for tokens [B, L] given precomputed text keys/values."""
+        """Logits [B, L, vocab_size] for tokens [B, L] given precomputed text keys/values;
+        `input_embed` [B, L, width] is added to the token embeddings (super-res)."""
         chex.assert_rank(tokens, 2)
         chex.assert_axis_dimension(tokens, 1, self.seq_len)
         x = self.token_embed(tokens) + self.pos_embed.astype(self.dtype)[None]
+        if input_embed is not None:
+            x = x + input_embed.astype(x.dtype)
         x = constrain(x, "batch", "length", "embed")
         for block, kv in zip(self.blocks, context_kv):
             x = block(x, context_kv=kv, context_mask=context_mask, deterministic=deterministic)
@@ -209,12 +213,23 @@ class SuperResTransformer(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    # Also add each high-res position's parent low-res features to its input embedding (not in
+    # the paper, which reads the low-res tokens through cross-attention only): a spatially
+    # aligned path that small, briefly trained models learn to follow far sooner.
+    aligned_lowres: bool = False
 
     @property
     def mask_id(self) -> int:
         return self.vocab_size
 
     def setup(self) -> None:
+        if self.aligned_lowres:
+            self.aligned_proj = nn.Dense(
+                self.width,
+                dtype=self.dtype,
+                kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
+                bias_init=partitioned(nn.initializers.zeros, "embed"),
+            )
         self.lowres = TinyTextEncoder(
             vocab_size=self.lowres_vocab_size,
             max_length=self.lowres_len,
@@ -243,8 +258,9 @@ class SuperResTransformer(nn.Module):
 
     def encode_context(
         self, context: jax.Array, context_mask: jax.Array, lowres_tokens: jax.Array
-    ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
-        """(Every layer's cross-attention keys/values, their mask [B, S + lowres_len]).
+    ) -> tuple[tuple[ContextKV, jax.Array | None], jax.Array]:
+        """((every layer's cross-attention keys/values, aligned low-res input embeddings or
+        None), the keys' mask [B, S + lowres_len]).
 
         Computed once per prompt and low-res image; the decoding loop only calls `logits`.
         """
@@ -253,16 +269,29 @@ class SuperResTransformer(nn.Module):
         low = self.lowres(lowres_tokens, jnp.ones_like(lowres_tokens))
         ctx = jnp.concatenate([self.text_proj(context).astype(low.dtype), low], axis=1)
         mask = jnp.concatenate([context_mask, jnp.ones_like(lowres_tokens)], axis=1)
-        return self.high.encode_context(ctx), mask
+        aligned = self.aligned_proj(self._upsample(low)) if self.aligned_lowres else None
+        return (self.high.encode_context(ctx), aligned), mask
+
+    def _upsample(self, low: jax.Array) -> jax.Array:
+        """[B, l*l, W] low-res features -> [B, L, W]: each high-res token gets its parent's."""
+        b, n, w = low.shape
+        side, high_side = round(n**0.5), round(self.seq_len**0.5)
+        f = high_side // side
+        chex.assert_equal(side * f, high_side)
+        grid = low.reshape(b, side, 1, side, 1, w)
+        grid = jnp.broadcast_to(grid, (b, side, f, side, f, w))
+        return constrain(grid.reshape(b, self.seq_len, w), "batch", "length", "embed")
 
     def logits(
         self,
         tokens: jax.Array,
-        context_kv: ContextKV,
+        context: tuple[ContextKV, jax.Array | None],
         context_mask: jax.Array,
         deterministic: bool = True,
     ) -> jax.Array:
-        return self.high.logits(tokens, context_kv, context_mask, deterministic)
+        """Logits [B, L, vocab] given `encode_context`'s output."""
+        kv, aligned = context
+        return self.high.logits(tokens, kv, context_mask, deterministic, input_embed=aligned)
 
     def __call__(
         self,
