@@ -34,7 +34,11 @@ def _pytorch_fid():
     PyPI's torchvision 0.28 is a CUDA build: with torch's CPU build its C++ ops do not load,
     and its import then dies registering a fake kernel for `torchvision::nms`. pytorch-fid only
     needs torchvision's Python model code, so declaring the two missing op schemas suffices.
+    Another test module in the same process may have hidden torchvision (`sys.modules` entry
+    None, for transformers' sake): un-hide it here.
     """
+    if "torchvision" in sys.modules and sys.modules["torchvision"] is None:
+        del sys.modules["torchvision"]
     try:
         import torchvision  # noqa: F401
     except RuntimeError as e:
