@@ -25,7 +25,6 @@ def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int =
     abstract, _ = parallel.abstract_state(dec.init, jax.random.PRNGKey(0), mesh, axis_rules)
     state, step = checkpoints.load_params(dec.stage_dir, abstract, "decoder")
     tuned_params = dec.finetuned_params(state, frozen)
-    reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
     sq = {"plain": 0.0, "finetuned": 0.0}
     n = 0
     for batch in tasks.batches(
@@ -43,7 +42,7 @@ def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int =
             ("plain", dec.plain, frozen["plain"]),
             ("finetuned", dec.model, tuned_params),
         ):
-            recon = np.clip(np.asarray(reconstruct(model, params, x)), -1, 1)
+            recon = np.clip(np.asarray(dec.reconstruct(model, params, x)), -1, 1)
             sq[name] += float(np.sum(np.mean((recon - x) ** 2, axis=(1, 2, 3))))
         n += len(x)
         if n >= max_images:

@@ -53,7 +53,7 @@ class DecoderStage(stage.Stage):
         self.disc = make_discriminator(self.stage_config.loss)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self._eval_batch: np.ndarray | None = None
-        self._reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
+        self.reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
 
     @property
     def image_size(self) -> int:
@@ -123,7 +123,7 @@ class DecoderStage(stage.Stage):
         lc = self.stage_config.loss
         x = batch["image"]
         vq = {"encoder": frozen["encoder"], "quantizer": frozen["quantizer"]}
-        z_q, ids, _ = self.model.apply({"params": vq}, x, method=self.model.encode)
+        z_q, _, _ = self.model.apply({"params": vq}, x, method=self.model.encode)
         z_q = jax.lax.stop_gradient(z_q)
 
         def loss_fn(params):
@@ -144,7 +144,6 @@ class DecoderStage(stage.Stage):
             "param_norm": optax.global_norm(params),
             **aux,
         }
-        del ids
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def write_summaries(self, state, frozen, writer, step: int):
@@ -162,8 +161,8 @@ class DecoderStage(stage.Stage):
             )
             self._eval_batch = next(it)["image_hr"]
         x = self._eval_batch
-        plain = np.asarray(self._reconstruct(self.plain, frozen["plain"], x))
-        tuned = np.asarray(self._reconstruct(self.model, self.finetuned_params(state, frozen), x))
+        plain = np.asarray(self.reconstruct(self.plain, frozen["plain"], x))
+        tuned = np.asarray(self.reconstruct(self.model, self.finetuned_params(state, frozen), x))
         rows = [summaries.to_uint8(a[:16]) for a in (x, plain, tuned)]
         writer.write_images(
             step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]}
