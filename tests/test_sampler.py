@@ -122,3 +122,31 @@ def test_fixed_seed_reproduces_and_fixed_tokens_stay(tiny):
     )
     out = sampler(params, cond, uncond, jax.random.PRNGKey(1), init_tokens=jnp.asarray(init))
     np.testing.assert_array_equal(np.asarray(out.tokens)[keep], init[keep])
+
+
+def test_a_second_call_with_new_prompts_and_seed_does_not_compile(tiny):
+    """Same shapes, different prompts/keys/fixed tokens: no second XLA compilation."""
+    from jax import monitoring
+
+    _, _, base, params, cond, uncond, other = tiny
+    sampler = _sampler(base, num_steps=5)  # A setting no other test compiles.
+    compiles: list[float] = []
+
+    def listener(event: str, duration: float, **kw) -> None:
+        del kw
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    keys = jax.random.PRNGKey(0), jax.random.PRNGKey(5)
+    init = jax.block_until_ready(sampler.masked(3).at[:, :4].set(7))  # Inputs made beforehand.
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(sampler(params, cond, uncond, keys[0]))
+        first = len(compiles)
+        out = jax.block_until_ready(sampler(params, other, uncond, keys[1], init))
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1  # The listener sees compilations ...
+    assert len(compiles) == first  # ... and the second call caused none.
+    assert sampler._jitted._cache_size() == 1  # Not even a retrace.
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], 7)
