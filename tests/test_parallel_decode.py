@@ -112,3 +112,32 @@ def test_zero_steps_is_an_error():
             mask_id=MASK,
             num_steps=0,
         )
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 1000])
+def test_inverse_cdf_sampling_draws_from_the_softmax(vocab):
+    """Frequencies of 100k draws match softmax(logits) (chi-square), zero-mass entries never."""
+    from scipy import stats
+
+    from muse_jax.sampling import categorical
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=vocab) * 2
+    logits[rng.choice(vocab, size=max(1, vocab // 5), replace=False)] = -np.inf
+    n = 100_000
+    draws = np.asarray(jax.jit(categorical.sample)(jax.random.PRNGKey(0), jnp.tile(logits, (n, 1))))
+    counts = np.bincount(draws, minlength=vocab)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert counts[p == 0].sum() == 0
+    keep = p * n >= 5  # Chi-square needs expected counts >= 5; the rest are pooled.
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(p[keep] * n, p[~keep].sum() * n)
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    # Same key, same draws; other key, other draws; batch shape is kept.
+    few = jnp.tile(jnp.asarray(logits), (2, 50, 1))
+    a, b, c = (categorical.sample(jax.random.PRNGKey(k), few) for k in (1, 1, 2))
+    assert a.shape == (2, 50) and a.dtype == jnp.int32
+    np.testing.assert_array_equal(a, b)
+    assert np.any(np.asarray(a) != np.asarray(c))

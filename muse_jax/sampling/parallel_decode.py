@@ -14,7 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from muse_jax.sampling import mask_schedule
+from muse_jax.sampling import categorical, mask_schedule
 
 TokensToLogits = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -70,11 +70,12 @@ def decode(
         logits = tokens_to_logits(cur, step).astype(jnp.float32)
         progress = (step + 1) / num_steps
         temp = temperature + (t_final - temperature) * step / max(num_steps - 1, 1)
-        sampled = jax.random.categorical(sample_rng, logits / temp, axis=-1)
+        sampled = categorical.sample(sample_rng, logits / temp)
         unknown = cur == mask_id
         sampled = jnp.where(unknown, sampled, cur)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]
+        # log p(sampled) without materialising log_softmax over the whole codebook.
+        chosen = jnp.take_along_axis(logits, sampled[..., None], axis=-1)[..., 0]
+        chosen = chosen - jax.nn.logsumexp(logits, axis=-1)
         noise = jax.random.gumbel(choice_rng, chosen.shape)
         confidence = chosen + choice_temperature * (1.0 - progress) * noise
         confidence = jnp.where(unknown, confidence, jnp.inf)  # Fixed/decoded tokens stay.
