@@ -43,6 +43,8 @@ setup(
             "pytorch-fid==0.3.0",  # FID reference network and distance (tests/test_fid.py)
             "torchvision==0.28.0",  # pytorch-fid's dependency, pinned to match torch 2.13
         ],
+        # benchmarks/peer_amused.py: diffusers' aMUSEd (PyTorch Muse) as the sampler benchmark's peer.
+        "bench": ["diffusers==0.42.1"],
     },
     entry_points={
         "console_scripts": [
