@@ -101,3 +101,27 @@ def test_token_grid_must_divide_the_image(smoke_config):
     smoke_config.data.image_size = 30
     with pytest.raises(ValueError, match="not a positive multiple"):
         factory.token_grid(smoke_config)
+
+
+def test_bfloat16_compute_accumulates_dots_in_float32_from_float32_weights():
+    """bf16 compute: float32 master weights, every matmul bf16 x bf16 -> f32, logits near f32's."""
+    import re
+
+    kw = dict(vocab_size=64, seq_len=16, width=32, depth=2, num_heads=2, mlp_dim=64)
+    f32, bf16 = MaskedTransformer(**kw), MaskedTransformer(**kw, dtype=jnp.bfloat16)
+    tokens = jnp.arange(32).reshape(2, 16) % 65
+    ctx = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    mask = jnp.ones((2, 5), jnp.int32)
+    params = bf16.init(jax.random.PRNGKey(1), tokens, ctx, mask)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    hlo = jax.jit(lambda p: bf16.apply(p, tokens, ctx, mask)).lower(params).as_text()
+    # Dense-layer dots (attention's own batched dots are XLA's business).
+    lines = [ln for ln in hlo.splitlines() if "dot_general" in ln and "batching_dims" not in ln]
+    dots = [re.search(r":\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)", ln).groups() for ln in lines]
+    dense = [(ins, out) for ins, out in dots if ins.count("bf16") == 2]
+    assert len(dense) >= 2 * (4 + 2) + 1  # q, k, v, out, MLP in/out per layer, head.
+    assert all(out.endswith("xf32>") for _, out in dense), dense
+    a = f32.apply(params, tokens, ctx, mask)
+    b = bf16.apply(params, tokens, ctx, mask)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(b, a, atol=0.1 * float(jnp.max(jnp.abs(a))))

@@ -40,6 +40,27 @@ def dense_init() -> Callable:
     return nn.initializers.xavier_uniform()
 
 
+def dot_general(dtype: Dtype) -> Callable | None:
+    """The `dot_general` of Dense layers computing in `dtype` (None: Flax's default).
+
+    In bfloat16 the dots take bf16 operands but accumulate and return float32, cast back to
+    bf16: what TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only
+    form XLA runs natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as
+    upcast + float32 dot + downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md).
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+
+    def bf16_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del preferred_element_type
+        out = jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
+        )
+        return out.astype(dtype)
+
+    return bf16_dot
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with a logically partitioned scale and bias."""
 
@@ -67,6 +88,7 @@ class MlpBlock(nn.Module):
         h = nn.Dense(
             self.mlp_dim,
             dtype=self.dtype,
+            dot_general=dot_general(self.dtype),
             kernel_init=partitioned(dense_init(), "embed", "mlp"),
             bias_init=partitioned(nn.initializers.zeros, "mlp"),
             name="wi",
@@ -77,6 +99,7 @@ class MlpBlock(nn.Module):
         return nn.Dense(
             width,
             dtype=self.dtype,
+            dot_general=dot_general(self.dtype),
             kernel_init=partitioned(dense_init(), "mlp", "embed"),
             bias_init=partitioned(nn.initializers.zeros, "embed"),
             name="wo",
@@ -95,6 +118,7 @@ class _HeadsProjection(nn.Module):
         return nn.DenseGeneral(
             (self.num_heads, self.head_dim),
             dtype=self.dtype,
+            dot_general=dot_general(self.dtype),
             kernel_init=partitioned(dense_init(), "embed", "heads", "kv"),
             bias_init=partitioned(nn.initializers.zeros, "heads", "kv"),
         )(x)
@@ -122,6 +146,7 @@ class Attention(nn.Module):
             self.width,
             axis=(-2, -1),
             dtype=self.dtype,
+            dot_general=dot_general(self.dtype),
             kernel_init=partitioned(dense_init(), "heads", "kv", "embed"),
             bias_init=partitioned(nn.initializers.zeros, "embed"),
         )

@@ -100,6 +100,7 @@ class MaskedTransformer(nn.Module):
         self.context_proj = nn.Dense(
             self.width,
             dtype=self.dtype,
+            dot_general=layers.dot_general(self.dtype),
             kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
             bias_init=partitioned(nn.initializers.zeros, "embed"),
         )
@@ -112,6 +113,7 @@ class MaskedTransformer(nn.Module):
         self.head = nn.Dense(
             self.vocab_size,
             dtype=self.dtype,
+            dot_general=layers.dot_general(self.dtype),
             kernel_init=partitioned(layers.dense_init(), "embed", "vocab"),
             bias_init=partitioned(nn.initializers.zeros, "vocab"),
         )
@@ -227,6 +229,7 @@ class SuperResTransformer(nn.Module):
             self.aligned_proj = nn.Dense(
                 self.width,
                 dtype=self.dtype,
+                dot_general=layers.dot_general(self.dtype),
                 kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
                 bias_init=partitioned(nn.initializers.zeros, "embed"),
             )
@@ -242,6 +245,7 @@ class SuperResTransformer(nn.Module):
         self.text_proj = nn.Dense(
             self.width,
             dtype=self.dtype,
+            dot_general=layers.dot_general(self.dtype),
             kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
             bias_init=partitioned(nn.initializers.zeros, "embed"),
         )
