@@ -78,9 +78,10 @@ def _time(fn, repeats: int) -> float:
 
 
 def jax_matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one jitted n^3 matmul in `dtype` (accumulating in that dtype), best of repeats."""
+    """FLOP/s of one jitted n^3 matmul in `dtype`, best of repeats; bf16 accumulates in f32 (the
+    form our models use and XLA's CPU backend runs natively, see models/layers.dot_general)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
     f(x).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -251,21 +252,24 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     peer = not args.no_peer
     if peer:
-        try:
-            import diffusers  # noqa: F401
-            import torch
-        except ImportError:
+        import importlib.util
+
+        if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
             print("peer skipped: torch/diffusers not installed (pip install -e '.[test,bench]')")
             peer = False
 
     print(f"workload: {w}")
+    print(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags)"
+    )
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
     peaks = {("ours", d): jax_matmul_peak(d) for d in dtypes}
     if peer:
-        import peer_amused
+        import peer_amused  # Hides the broken CUDA torchvision before diffusers is imported.
+        import torch
 
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        peaks.update({("peer", d): peer_amused.matmul_peak(d) for d in dtypes})
+        peaks.update({("peer", d): peer_amused.matmul_peak(d) * 1e9 for d in dtypes})
     for (side, d), p in peaks.items():
         print(f"matmul peak {side:<5}{d:<9} 2048^3: {p / 1e9:7.1f} GFLOP/s")
     # One denominator per dtype for both sides: the best matmul rate seen on this machine.

@@ -131,6 +131,9 @@ def main() -> None:
     config = load_config(args.config)
     peak = matmul_peak()
     print(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags)"
+    )
+    print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"float32 matmul (1024^3, jit): {peak / 1e9:.1f} GFLOP/s"
     )

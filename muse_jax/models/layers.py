@@ -61,6 +61,21 @@ def dot_general(dtype: Dtype) -> Callable | None:
     return bf16_dot
 
 
+def conv_general_dilated(dtype: Dtype) -> Callable | None:
+    """`dot_general`'s counterpart for convolutions (the VQ decoder): bf16 in, f32 accumulate."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+
+    def bf16_conv(lhs, rhs, *args, preferred_element_type=None, **kwargs):
+        del preferred_element_type
+        out = jax.lax.conv_general_dilated(
+            lhs, rhs, *args, preferred_element_type=jnp.float32, **kwargs
+        )
+        return out.astype(dtype)
+
+    return bf16_conv
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with a logically partitioned scale and bias."""
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import Dtype, constrain, partitioned
+from muse_jax.models.layers import Dtype, constrain, conv_general_dilated, partitioned
 
 _CONV_AXES = ("height", "width", "conv_in", "conv_out")
 
@@ -37,6 +37,7 @@ def _conv(
         strides=(strides, strides),
         padding="SAME",
         dtype=dtype,
+        conv_general_dilated=conv_general_dilated(dtype),
         kernel_init=partitioned(nn.initializers.zeros if zero_init else init, *_CONV_AXES),
         bias_init=partitioned(nn.initializers.zeros, "conv_out"),
         name=name,
