@@ -8,6 +8,7 @@ config take at that rate (compile time reported apart).
 
   python benchmarks/train_steps.py --config=configs/shapes_tiny.py
   python benchmarks/train_steps.py --config=configs/shapes_tiny.py --stages=superres --steps=20
+  python benchmarks/train_steps.py --stages=base --set base.model.width=256 --set data.image_size=64
 """
 
 import argparse
@@ -127,8 +128,24 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/muse_bench_train_steps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set base.model.width=256 (Python literal values)",
+    )
     args = parser.parse_args()
     config = load_config(args.config)
+    import ast
+
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # A plain string.
+        config.update_from_flattened_dict({key: value})
     peak = matmul_peak()
     print(
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags)"
