@@ -125,3 +125,22 @@ def test_bfloat16_compute_accumulates_dots_in_float32_from_float32_weights():
     b = bf16.apply(params, tokens, ctx, mask)
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(b, a, atol=0.1 * float(jnp.max(jnp.abs(a))))
+
+
+def test_bfloat16_vqgan_convolutions_accumulate_in_float32():
+    """The VQ decoder's convolutions in bf16: bf16 operands, f32 results, output near f32's."""
+    import re
+
+    kw = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, embedding_dim=4)
+    f32 = VQGAN(**kw, codebook_size=16, norm_groups=0)
+    bf16 = VQGAN(**kw, codebook_size=16, norm_groups=0, dtype=jnp.bfloat16)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3), minval=-1, maxval=1)
+    params = f32.init(jax.random.PRNGKey(1), images)
+    ids = jnp.arange(2 * 8 * 8).reshape(2, 8, 8) % 16
+    decode = lambda m, p: m.apply(p, ids, method=m.decode_ids)
+    hlo = jax.jit(lambda p: decode(bf16, p)).lower(params).as_text()
+    convs = re.findall(r"stablehlo\.convolution.*?:\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)", hlo)
+    assert convs and all(ins.count("bf16") == 2 and out.endswith("xf32>") for ins, out in convs)
+    np.testing.assert_allclose(
+        np.asarray(decode(bf16, params), np.float32), decode(f32, params), atol=0.1
+    )
