@@ -13,7 +13,7 @@ ONEDNN_XLA_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_
 
 
 def _set_cpu_flags() -> None:
-    if os.environ.get("MUSE_JAX_ONEDNN", "0") in ("", "0"):
+    if os.environ.get("MUSE_JAX_ONEDNN", "").strip().lower() not in ("1", "true", "yes", "on"):
         return
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in ONEDNN_XLA_FLAGS if f.split("=")[0] not in flags]

@@ -50,7 +50,7 @@ def write_random_inception(path: str, seed: int = 0) -> str:
     return path
 
 
-def _import_transformers():
+def import_transformers():
     """transformers without a torchvision wheel that does not match torch (its import fails
     and would take transformers' image utilities down with it)."""
     try:
@@ -69,7 +69,7 @@ def write_random_clip(directory: str, image_size: int = 32) -> str:
 
     from muse_jax.eval.clip_tokenizer import BOS, EOS
 
-    transformers = _import_transformers()
+    transformers = import_transformers()
     os.makedirs(directory, exist_ok=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]  # EOS last, as in CLIP.

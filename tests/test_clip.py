@@ -11,27 +11,15 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 
+from tests.eval_fixtures import import_transformers  # noqa: E402
 
-def _hide_broken_torchvision() -> None:
-    """A torchvision wheel that does not match the installed torch fails on import, and takes
-    transformers' image utilities (hence `CLIPModel` and the PIL image processor) down with it;
-    such a torchvision is hidden so transformers sees none."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules["torchvision"] = None
-
-
-_hide_broken_torchvision()
-
-import transformers  # noqa: E402
+transformers = import_transformers()  # Hides a torchvision that cannot load.
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tokenizers import pre_tokenizers  # noqa: E402
 

@@ -114,19 +114,29 @@ def test_zero_steps_is_an_error():
         )
 
 
-@pytest.mark.parametrize("vocab", [7, 64, 1000])
-def test_inverse_cdf_sampling_draws_from_the_softmax(vocab):
-    """Frequencies of 100k draws match softmax(logits) (chi-square), zero-mass entries never."""
+@pytest.mark.parametrize(
+    "vocab, pattern",
+    [(7, "random"), (64, "random"), (1000, "random"), (64, "blocks"), (1000, "tail")],
+)
+def test_inverse_cdf_sampling_draws_from_the_softmax(vocab, pattern):
+    """Frequencies of 40k draws match softmax(logits) (chi-square), zero-mass entries never:
+    scattered -inf entries, whole blocks of -inf, or all mass in the padded last block."""
     from scipy import stats
 
     from muse_jax.sampling import categorical
 
     rng = np.random.default_rng(vocab)
     logits = rng.normal(size=vocab) * 2
-    logits[rng.choice(vocab, size=max(1, vocab // 5), replace=False)] = -np.inf
-    n = 100_000
+    if pattern == "random":
+        logits[rng.choice(vocab, size=max(1, vocab // 5), replace=False)] = -np.inf
+    elif pattern == "blocks":  # Blocks of 8: every other one empty.
+        logits.reshape(-1, 8)[::2] = -np.inf
+    else:  # Blocks of 32 (1024 padded slots): only the last, partly padded one has mass.
+        logits[: 32 * 31] = -np.inf
+    n = 40_000
     draws = np.asarray(jax.jit(categorical.sample)(jax.random.PRNGKey(0), jnp.tile(logits, (n, 1))))
     counts = np.bincount(draws, minlength=vocab)
+    assert len(counts) == vocab
     p = np.exp(logits - logits.max())
     p /= p.sum()
     assert counts[p == 0].sum() == 0

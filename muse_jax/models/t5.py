@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax.models.layers import Dtype, constrain, get_dtype, partitioned
+from muse_jax.models.layers import Dtype, constrain, dot_general, get_dtype, partitioned
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,6 +151,7 @@ def _dense(features: int, in_axis: str, out_axis: str, init: Any, dtype: Dtype, 
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
+        dot_general=dot_general(dtype),
         kernel_init=partitioned(init, in_axis, out_axis),
         name=name,
     )

@@ -30,12 +30,21 @@ def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
     if blocks * block != vocab:
         p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, blocks * block - vocab)])
     p = p.reshape(p.shape[:-1] + (blocks, block))
-    # u in (0, 1]: the first cumulative sum >= u * total then belongs to an entry of mass > 0.
+    # u in (0, 1]: the first cumulative sum >= u * total belongs to an entry of mass > 0. The
+    # mass test also guards against prefix sums that rounding left non-monotonic.
     u = 1.0 - jax.random.uniform(key, p.shape[:-2] + (2,))
-    cum = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)
-    chosen = jnp.sum(cum < u[..., :1] * cum[..., -1:], axis=-1)
-    chosen = jnp.minimum(chosen, blocks - 1)  # Rounding at u = 1.
+    chosen = _first_reaching(jnp.sum(p, axis=-1), u[..., :1])
     within = jnp.take_along_axis(p, chosen[..., None, None], axis=-2)[..., 0, :]
-    cum = jnp.cumsum(within, axis=-1)
-    entry = jnp.minimum(jnp.sum(cum < u[..., 1:] * cum[..., -1:], axis=-1), block - 1)
+    entry = _first_reaching(within, u[..., 1:])
     return (chosen * block + entry).astype(jnp.int32)
+
+
+def _first_reaching(mass: jax.Array, u: jax.Array) -> jax.Array:
+    """Index of the first entry of positive mass whose prefix sum reaches u * total (the last
+    one of positive mass if rounding leaves none)."""
+    cum = jnp.cumsum(mass, axis=-1)
+    positive = mass > 0
+    hit = (cum >= u * cum[..., -1:]) & positive
+    n = mass.shape[-1]
+    last = n - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
