@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from train_steps import cost_flops  # noqa: E402
 
 from muse_jax.models.transformer import MaskedTransformer  # noqa: E402
 from muse_jax.models.vqgan import VQGAN  # noqa: E402
@@ -58,12 +59,6 @@ class Workload:
     vq_channels: int = 128
     vq_channel_mult: tuple[int, ...] = (1, 2, 2, 4, 6)
     vq_embedding_dim: int = 256
-
-
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan")))
 
 
 def _time(fn, repeats: int) -> float:
@@ -176,8 +171,8 @@ def run_ours(w: Workload, dtype: str, repeats: int) -> dict[str, Any]:
     call = jax.jit(lambda p, t, kv, m: tr.apply({"params": p}, t, kv, m, method=tr.logits)).lower(
         params["transformer"], jnp.concatenate([init, init]), kv, both["text_mask"]
     )
-    call_flops = _cost_flops(call.compile())
-    ctx_flops = _cost_flops(kv_fn.lower(params["transformer"], both["text_emb"]).compile())
+    call_flops = cost_flops(call.compile())
+    ctx_flops = cost_flops(kv_fn.lower(params["transformer"], both["text_emb"]).compile())
 
     loop_s = _time(lambda: loop_c(params, cond, uncond, key, init).block_until_ready(), repeats)
     vq_s = _time(lambda: vq_c(params, tokens).block_until_ready(), repeats)
@@ -192,7 +187,7 @@ def run_ours(w: Workload, dtype: str, repeats: int) -> dict[str, Any]:
         vq_s=vq_s,
         total_s=full_s,
         loop_flops=w.num_steps * call_flops + ctx_flops,
-        vq_flops=_cost_flops(vq_c),
+        vq_flops=cost_flops(vq_c),
         compile_s=dict(loop=loop_compile, vq=vq_compile, sampler=full_compile),
         params_transformer=n_params(params["transformer"]),
         params_vq=n_params(params["tokenizer"]),
@@ -202,33 +197,10 @@ def run_ours(w: Workload, dtype: str, repeats: int) -> dict[str, Any]:
 def run_peer(w: Workload, dtype: str, repeats: int) -> dict[str, Any]:
     import peer_amused  # noqa: PLC0415 (optional: torch + diffusers)
 
-    spec = peer_amused.PeerSpec(
-        width=w.width,
-        depth=w.depth,
-        num_heads=w.num_heads,
-        mlp_dim=w.mlp_dim,
-        codebook_size=w.codebook_size,
-        grid=w.grid,
-        text_length=w.text_length,
-        text_dim=w.text_dim,
-        num_steps=w.num_steps,
-        guidance_scale=w.guidance_scale,
-        batch=w.batch,
-        image_size=w.image_size,
-    )
+    shared = {f.name for f in dataclasses.fields(peer_amused.PeerSpec)} & set(vars(w))
+    spec = peer_amused.PeerSpec(**{k: getattr(w, k) for k in shared})
     r = peer_amused.run_peer(spec, dtype=dtype, repeats=repeats)
-    return dict(
-        side="peer",
-        dtype=dtype,
-        loop_s=r["loop_s"],
-        vq_s=r["vq_s"],
-        total_s=r["loop_s"] + r["vq_s"],
-        loop_flops=r["loop_flops"],
-        vq_flops=r["vq_flops"],
-        params_transformer=r["params_transformer"],
-        params_vq=r["params_vq"],
-        threads=r.get("threads"),
-    )
+    return {**r, "side": "peer", "dtype": dtype, "total_s": r["loop_s"] + r["vq_s"]}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ config take at that rate (compile time reported apart).
 """
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -48,6 +49,13 @@ def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
     for _ in range(repeats):
         f(a).block_until_ready()
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of a compiled executable by XLA's cost analysis (NaN if it reports none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
 
 
 def random_frozen(name: str, config, workdir: str):
@@ -99,9 +107,7 @@ def bench(name: str, config, workdir: str, steps: int, peak: float) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan")))
+    flops = cost_flops(compiled)
     state, metrics = compiled(state, batch, frozen)  # Warm-up.
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
@@ -137,8 +143,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = load_config(args.config)
-    import ast
-
     for item in args.set:
         key, _, value = item.partition("=")
         try:

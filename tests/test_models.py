@@ -1,5 +1,7 @@
 """Model invariants: cached text keys/values, padding, tokenizer shapes, quantiser lookup."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,10 +105,15 @@ def test_token_grid_must_divide_the_image(smoke_config):
         factory.token_grid(smoke_config)
 
 
+def _operand_and_result_types(hlo: str, op: str) -> list[tuple[str, str]]:
+    """(operand types, result type) of each StableHLO `op` line; batched dots (attention's own,
+    XLA's business) left out."""
+    lines = [ln for ln in hlo.splitlines() if f"stablehlo.{op}" in ln and "batching_dims" not in ln]
+    return [re.search(r":\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)", ln).groups() for ln in lines]
+
+
 def test_bfloat16_compute_accumulates_dots_in_float32_from_float32_weights():
     """bf16 compute: float32 master weights, every matmul bf16 x bf16 -> f32, logits near f32's."""
-    import re
-
     kw = dict(vocab_size=64, seq_len=16, width=32, depth=2, num_heads=2, mlp_dim=64)
     f32, bf16 = MaskedTransformer(**kw), MaskedTransformer(**kw, dtype=jnp.bfloat16)
     tokens = jnp.arange(32).reshape(2, 16) % 65
@@ -115,9 +122,7 @@ def test_bfloat16_compute_accumulates_dots_in_float32_from_float32_weights():
     params = bf16.init(jax.random.PRNGKey(1), tokens, ctx, mask)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     hlo = jax.jit(lambda p: bf16.apply(p, tokens, ctx, mask)).lower(params).as_text()
-    # Dense-layer dots (attention's own batched dots are XLA's business).
-    lines = [ln for ln in hlo.splitlines() if "dot_general" in ln and "batching_dims" not in ln]
-    dots = [re.search(r":\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)", ln).groups() for ln in lines]
+    dots = _operand_and_result_types(hlo, "dot_general")
     dense = [(ins, out) for ins, out in dots if ins.count("bf16") == 2]
     assert len(dense) >= 2 * (4 + 2) + 1  # q, k, v, out, MLP in/out per layer, head.
     assert all(out.endswith("xf32>") for _, out in dense), dense
@@ -129,8 +134,6 @@ def test_bfloat16_compute_accumulates_dots_in_float32_from_float32_weights():
 
 def test_bfloat16_vqgan_convolutions_accumulate_in_float32():
     """The VQ decoder's convolutions in bf16: bf16 operands, f32 results, output near f32's."""
-    import re
-
     kw = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, embedding_dim=4)
     f32 = VQGAN(**kw, codebook_size=16, norm_groups=0)
     bf16 = VQGAN(**kw, codebook_size=16, norm_groups=0, dtype=jnp.bfloat16)
@@ -139,7 +142,7 @@ def test_bfloat16_vqgan_convolutions_accumulate_in_float32():
     ids = jnp.arange(2 * 8 * 8).reshape(2, 8, 8) % 16
     decode = lambda m, p: m.apply(p, ids, method=m.decode_ids)
     hlo = jax.jit(lambda p: decode(bf16, p)).lower(params).as_text()
-    convs = re.findall(r"stablehlo\.convolution.*?:\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)", hlo)
+    convs = _operand_and_result_types(hlo, "convolution")
     assert convs and all(ins.count("bf16") == 2 and out.endswith("xf32>") for ins, out in convs)
     np.testing.assert_allclose(
         np.asarray(decode(bf16, params), np.float32), decode(f32, params), atol=0.1

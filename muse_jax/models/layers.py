@@ -40,10 +40,10 @@ def dense_init() -> Callable:
     return nn.initializers.xavier_uniform()
 
 
-def dot_general(dtype: Dtype) -> Callable | None:
-    """The `dot_general` of Dense layers computing in `dtype` (None: Flax's default).
+def _accumulating_in_float32(op: Callable, dtype: Dtype) -> Callable | None:
+    """`op` (a lax dot or convolution) for Flax layers computing in `dtype`; None: Flax's default.
 
-    In bfloat16 the dots take bf16 operands but accumulate and return float32, cast back to
+    In bfloat16 the op takes bf16 operands but accumulates and returns float32, cast back to
     bf16: what TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only
     form XLA runs natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as
     upcast + float32 dot + downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md).
@@ -51,29 +51,21 @@ def dot_general(dtype: Dtype) -> Callable | None:
     if jnp.dtype(dtype) != jnp.bfloat16:
         return None
 
-    def bf16_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    def bf16_op(*args, preferred_element_type=None, **kwargs):
         del preferred_element_type
-        out = jax.lax.dot_general(
-            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
-        )
-        return out.astype(dtype)
+        return op(*args, preferred_element_type=jnp.float32, **kwargs).astype(dtype)
 
-    return bf16_dot
+    return bf16_op
+
+
+def dot_general(dtype: Dtype) -> Callable | None:
+    """The `dot_general` of Dense layers computing in `dtype` (see `_accumulating_in_float32`)."""
+    return _accumulating_in_float32(jax.lax.dot_general, dtype)
 
 
 def conv_general_dilated(dtype: Dtype) -> Callable | None:
-    """`dot_general`'s counterpart for convolutions (the VQ decoder): bf16 in, f32 accumulate."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return None
-
-    def bf16_conv(lhs, rhs, *args, preferred_element_type=None, **kwargs):
-        del preferred_element_type
-        out = jax.lax.conv_general_dilated(
-            lhs, rhs, *args, preferred_element_type=jnp.float32, **kwargs
-        )
-        return out.astype(dtype)
-
-    return bf16_conv
+    """The same for convolutions (the VQGAN's)."""
+    return _accumulating_in_float32(jax.lax.conv_general_dilated, dtype)
 
 
 class LayerNorm(nn.Module):
