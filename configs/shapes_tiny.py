@@ -127,7 +127,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.base = ml_collections.ConfigDict(
         dict(
             model=ml_collections.ConfigDict(
-                dict(width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0, dtype="float32")
+                dict(
+                    width=128,
+                    depth=4,
+                    num_heads=4,
+                    mlp_dim=512,
+                    dropout=0.0,
+                    dtype="float32",
+                    # "auto" | "heads_major" | "xla" | "cudnn" (muse_jax/models/attention.py):
+                    # auto = heads_major on CPU, jax.nn.dot_product_attention elsewhere.
+                    attention="auto",
+                )
             ),
             text_encoder=ml_collections.ConfigDict(
                 dict(
@@ -142,6 +152,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     preset="small",
                     checkpoint="",
                     dtype="float32",
+                    attention="auto",  # The tiny encoder's (T5 has its own attention).
                 )
             ),
             mask_schedule="cosine",
@@ -181,6 +192,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     mlp_dim=512,
                     dropout=0.0,
                     dtype="float32",
+                    attention="auto",
                     # Add each high-res token's parent low-res features to its input (beside
                     # the paper's cross-attention path): measured on this default, cross-
                     # attention alone does not learn to follow the low-res layout in a few

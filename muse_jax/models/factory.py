@@ -73,6 +73,7 @@ def base_transformer(config) -> MaskedTransformer:
         mlp_dim=m.mlp_dim,
         dropout=m.dropout,
         dtype=get_dtype(m.dtype),
+        attention=m.get("attention", "auto"),
     )
 
 
@@ -92,6 +93,7 @@ def superres_transformer(config) -> SuperResTransformer:
         dropout=m.get("dropout", 0.0),
         dtype=get_dtype(m.get("dtype", "float32")),
         aligned_lowres=m.get("aligned_lowres", False),
+        attention=m.get("attention", "auto"),
     )
 
 
@@ -109,6 +111,7 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
             depth=t.depth,
             num_heads=t.num_heads,
             mlp_dim=t.mlp_dim,
+            attention=t.get("attention", "auto"),
         )
     if t.name == "t5":
         from muse_jax.models import t5

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import attention
+
 Dtype = Any
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -141,8 +143,10 @@ class Attention(nn.Module):
     num_heads: int
     width: int
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"  # See `muse_jax.models.attention`.
 
     def setup(self) -> None:
+        attention.check_implementation(self.implementation)
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
         head_dim = self.width // self.num_heads
@@ -183,5 +187,7 @@ class Attention(nn.Module):
             kv = self.project_kv(x)
         k, v = kv
         q = constrain(self.query(x), "batch", "length", "heads", "kv")
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = attention.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation
+        )
         return self.out(out)

@@ -28,13 +28,16 @@ class Block(nn.Module):
     dropout: float = 0.0
     cross_attention: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # See `muse_jax.models.attention`.
 
     def setup(self) -> None:
         self.self_norm = layers.LayerNorm(self.dtype)
-        self.self_attn = layers.Attention(self.num_heads, self.width, self.dtype)
+        self.self_attn = layers.Attention(self.num_heads, self.width, self.dtype, self.attention)
         if self.cross_attention:
             self.cross_norm = layers.LayerNorm(self.dtype)
-            self.cross_attn = layers.Attention(self.num_heads, self.width, self.dtype)
+            self.cross_attn = layers.Attention(
+                self.num_heads, self.width, self.dtype, self.attention
+            )
         self.mlp_norm = layers.LayerNorm(self.dtype)
         self.mlp = layers.MlpBlock(self.mlp_dim, self.dropout, self.dtype)
         self.drop = nn.Dropout(self.dropout)
@@ -80,6 +83,7 @@ class MaskedTransformer(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @property
     def mask_id(self) -> int:
@@ -106,7 +110,15 @@ class MaskedTransformer(nn.Module):
         )
         self.context_norm = layers.LayerNorm(self.dtype)
         self.blocks = [
-            Block(self.width, self.num_heads, self.mlp_dim, self.dropout, True, self.dtype)
+            Block(
+                self.width,
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                True,
+                self.dtype,
+                self.attention,
+            )
             for _ in range(self.depth)
         ]
         self.final_norm = layers.LayerNorm(self.dtype)
@@ -170,6 +182,7 @@ class TinyTextEncoder(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -189,7 +202,14 @@ class TinyTextEncoder(nn.Module):
         attn_mask = mask[:, None, None, :].astype(bool)
         for i in range(self.depth):
             x = Block(
-                self.width, self.num_heads, self.mlp_dim, 0.0, False, self.dtype, name=f"block_{i}"
+                self.width,
+                self.num_heads,
+                self.mlp_dim,
+                0.0,
+                False,
+                self.dtype,
+                self.attention,
+                name=f"block_{i}",
             )(x, self_mask=attn_mask)
         x = layers.LayerNorm(self.dtype)(x)
         return (x * mask[..., None]).astype(jnp.float32)
@@ -219,6 +239,7 @@ class SuperResTransformer(nn.Module):
     # the paper, which reads the low-res tokens through cross-attention only): a spatially
     # aligned path that small, briefly trained models learn to follow far sooner.
     aligned_lowres: bool = False
+    attention: str = "auto"
 
     @property
     def mask_id(self) -> int:
@@ -241,6 +262,7 @@ class SuperResTransformer(nn.Module):
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
             dtype=self.dtype,
+            attention=self.attention,
         )
         self.text_proj = nn.Dense(
             self.width,
@@ -258,6 +280,7 @@ class SuperResTransformer(nn.Module):
             mlp_dim=self.mlp_dim,
             dropout=self.dropout,
             dtype=self.dtype,
+            attention=self.attention,
         )
 
     def encode_context(
