@@ -55,8 +55,10 @@ def main() -> None:
         m[..., 0] = True
         mask = jnp.asarray(m)
     flops = 4 * b * n * t * s * h  # Two matmuls forward; the backward does twice that.
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; q [{b},{t},{n},{h}], "
-          f"keys {s}, mask {args.mask}, {args.dtype}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; q [{b},{t},{n},{h}], "
+        f"keys {s}, mask {args.mask}, {args.dtype}"
+    )
     results = {}
     for impl in ("xla", "heads_major"):
         f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, impl)  # noqa: B023
@@ -66,8 +68,10 @@ def main() -> None:
         tf = best_time(lambda: fwd(q, k, v), args.repeats)  # noqa: B023
         tb = best_time(lambda: grad(q, k, v), args.repeats)  # noqa: B023
         results[impl] = (tf, tb)
-        print(f"{impl:<12} fwd {tf * 1e3:8.2f} ms {flops / tf / 1e9:6.0f} GFLOP/s   "
-              f"fwd+bwd {tb * 1e3:8.2f} ms {3 * flops / tb / 1e9:6.0f} GFLOP/s")
+        print(
+            f"{impl:<12} fwd {tf * 1e3:8.2f} ms {flops / tf / 1e9:6.0f} GFLOP/s   "
+            f"fwd+bwd {tb * 1e3:8.2f} ms {3 * flops / tb / 1e9:6.0f} GFLOP/s"
+        )
     (xf, xb), (hf, hb) = results["xla"], results["heads_major"]
     print(f"heads_major vs xla: forward {xf / hf:.2f}x, forward+backward {xb / hb:.2f}x faster")
 
