@@ -15,6 +15,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from muse_jax import host_memory  # noqa: E402
+
+if __name__ == "__main__":
+    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

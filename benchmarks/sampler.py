@@ -29,11 +29,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from muse_jax import host_memory  # noqa: E402
+
+if __name__ == "__main__":
+    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from train_steps import cost_flops  # noqa: E402
+from train_steps import cost_flops, matmul_peak  # noqa: E402
 
 from muse_jax.models.transformer import MaskedTransformer  # noqa: E402
 from muse_jax.models.vqgan import VQGAN  # noqa: E402
@@ -70,20 +75,6 @@ def _time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def jax_matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one jitted n^3 matmul in `dtype`, best of repeats; bf16 accumulates in f32 (the
-    form our models use and XLA's CPU backend runs natively, see models/layers.dot_general)."""
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def build_ours(w: Workload, dtype: str) -> tuple[MuseSampler, dict[str, Any]]:
@@ -235,7 +226,7 @@ def main() -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags)"
     )
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
-    peaks = {("ours", d): jax_matmul_peak(d) for d in dtypes}
+    peaks = {("ours", d): matmul_peak(d) for d in dtypes}
     if peer:
         import peer_amused  # Hides the broken CUDA torchvision before diffusers is imported.
         import torch

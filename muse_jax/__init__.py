@@ -5,9 +5,14 @@ float32 dots (attention included) through oneDNN: measured here, the sampler's d
 runs 1.3x faster on CPU (BENCHMARKS.md). Opt-in because with jaxlib 0.10.2 the same flags abort
 the base stage's train step ("partition compile failed"). They concern only XLA's CPU backend
 and take effect only if JAX has not started a backend yet.
+
+Run as a program (`python -m muse_jax.<binary>`), the package first re-executes the command with
+transparent huge pages for XLA:CPU's buffers (`muse_jax.host_memory`; MUSE_JAX_HUGEPAGES=0
+turns it off), before anything heavy is imported. Imported as a library, it changes nothing.
 """
 
 import os
+import sys
 
 ONEDNN_XLA_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=dot")
 
@@ -22,3 +27,10 @@ def _set_cpu_flags() -> None:
 
 
 _set_cpu_flags()
+
+_program = sys.orig_argv[2] if sys.orig_argv[1:2] == ["-m"] and sys.orig_argv[2:3] else ""
+# (muse_jax.host_memory re-executes itself: importing it here would make runpy warn.)
+if _program.startswith("muse_jax.") and _program != "muse_jax.host_memory":
+    from muse_jax import host_memory
+
+    host_memory.reexec_with_hugepages()

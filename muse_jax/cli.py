@@ -11,6 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from muse_jax import host_memory  # noqa: E402
+
 
 class UsageError(Exception):
     """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
@@ -64,7 +66,9 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """`absl.app.run` with clear one-line errors for flag and user mistakes."""
+    """`absl.app.run` with clear one-line errors for flag and user mistakes (after re-executing
+    with transparent huge pages for XLA:CPU's buffers where that works, see `host_memory`)."""
+    host_memory.reexec_with_hugepages()
 
     def wrapped(argv):
         logging.set_verbosity(logging.ERROR)
