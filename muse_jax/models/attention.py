@@ -6,8 +6,11 @@ keeps the normalised probabilities plus several [B, N, T, S] temporaries. `heads
 heads before positions once, normalises the softmax after the value product (one pass fewer over
 the scores), turns the mask into an additive bias (a select in front of the row max blocks
 XLA's fusion) and has a hand-written backward that keeps only the unnormalised probabilities
-and the row sums. On the 2-core dev CPU at [32, 256, 4, 64] (BENCHMARKS.md): forward 5.6x,
-forward + backward 1.6x faster than `jax.nn.dot_product_attention`.
+and the row sums. On the 2-core dev CPU at [32, 256, 4, 64] (`python benchmarks/attention.py`,
+BENCHMARKS.md): forward 2.4x, forward + backward 1.4-1.6x faster than
+`jax.nn.dot_product_attention` (5.6x and 1.6x without `muse_jax.host_memory`'s huge pages).
+Tried and dropped: materialising transposed probabilities so that the two backward dots that
+contract the query axis leave Eigen for YNNPACK (the copies cost more than they save).
 
 `implementation="auto"` picks `heads_major` on CPU and `jax.nn.dot_product_attention` (XLA)
 elsewhere; "cudnn" asks jax for cuDNN's fused kernel on GPUs.
