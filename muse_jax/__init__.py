@@ -28,9 +28,9 @@ def _set_cpu_flags() -> None:
 
 _set_cpu_flags()
 
-_program = sys.orig_argv[2] if sys.orig_argv[1:2] == ["-m"] and sys.orig_argv[2:3] else ""
-# (muse_jax.host_memory re-executes itself: importing it here would make runpy warn.)
-if _program.startswith("muse_jax.") and _program != "muse_jax.host_memory":
+# (`python -m muse_jax.host_memory` re-executes itself: importing it here would make runpy warn.)
+if sys.orig_argv[1:2] == ["-m"] and sys.orig_argv[2:3] != ["muse_jax.host_memory"]:
     from muse_jax import host_memory
 
-    host_memory.reexec_with_hugepages()
+    if host_memory.running_a_muse_program():
+        host_memory.reexec_with_hugepages()

@@ -68,7 +68,8 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run` with clear one-line errors for flag and user mistakes (after re-executing
     with transparent huge pages for XLA:CPU's buffers where that works, see `host_memory`)."""
-    host_memory.reexec_with_hugepages()
+    if host_memory.running_a_muse_program():  # Console scripts; `-m` did it at import.
+        host_memory.reexec_with_hugepages()
 
     def wrapped(argv):
         logging.set_verbosity(logging.ERROR)

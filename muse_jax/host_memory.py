@@ -51,6 +51,15 @@ def applied(environ: dict[str, str] | None = None) -> bool:
     return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
+def running_a_muse_program(argv: list[str] | None = None) -> bool:
+    """Whether this process is `python -m muse_jax.<binary>` or a `muse-*` console script: the
+    only processes the package re-executes (never a test runner or notebook that imported it)."""
+    argv = list(getattr(sys, "orig_argv", []) if argv is None else argv)
+    if argv[1:2] == ["-m"]:
+        return len(argv) > 2 and argv[2].startswith("muse_jax.")
+    return len(argv) > 1 and os.path.basename(argv[1]).startswith("muse-")
+
+
 def reexec_with_hugepages() -> None:
     """Replaces this process by the same command with the tunable set; returns if it is set
     already or unavailable. Call first thing in a binary's main, never from library code."""

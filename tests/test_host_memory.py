@@ -33,6 +33,14 @@ def test_tunable_detection_and_opt_out():
     assert host_memory.unavailable_reason({host_memory.ENV: "off"}) == f"{host_memory.ENV}=off"
 
 
+def test_only_muse_programs_are_reexecuted():
+    assert host_memory.running_a_muse_program(["python", "-m", "muse_jax.train", "--config=c"])
+    assert host_memory.running_a_muse_program(["python", "/venv/bin/muse-sample", "--prompt=x"])
+    assert not host_memory.running_a_muse_program(["python", "-m", "pytest", "tests"])
+    assert not host_memory.running_a_muse_program(["python", "-c", "import muse_jax"])
+    assert not host_memory.running_a_muse_program(["python"])
+
+
 @needs_thp
 def test_binaries_reexecute_with_the_tunable_unless_turned_off():
     assert "on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" in _run(["-m", "muse_jax.host_memory"])
