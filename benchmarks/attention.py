@@ -62,7 +62,8 @@ def main() -> None:
     flops = 4 * b * n * t * s * h  # Two matmuls forward; the backward does twice that.
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; q [{b},{t},{n},{h}], "
-        f"keys {s}, mask {args.mask}, {args.dtype}"
+        f"keys {s}, mask {args.mask}, {args.dtype}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
     results = {}
     for impl in ("xla", "heads_major"):

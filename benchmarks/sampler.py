@@ -223,7 +223,8 @@ def main() -> None:
 
     print(f"workload: {w}")
     print(
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags)"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (MUSE_JAX_ONEDNN=1 adds muse_jax's oneDNN flags); "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (muse_jax.host_memory)"
     )
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
     peaks = {("ours", d): matmul_peak(d) for d in dtypes}
