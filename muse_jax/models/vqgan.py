@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import arg_reductions
 from muse_jax.models.layers import Dtype, constrain, conv_general_dilated, partitioned
 
 _CONV_AXES = ("height", "width", "conv_in", "conv_out")
@@ -186,7 +187,7 @@ class VectorQuantizer(nn.Module):
         cb = self.normalized_codebook()
         flat = z.reshape(-1, z.shape[-1])
         dist = jnp.sum(flat**2, -1, keepdims=True) - 2 * flat @ cb.T + jnp.sum(cb**2, -1)[None]
-        ids = jnp.argmin(dist, axis=-1).reshape(z.shape[:-1])
+        ids = arg_reductions.argmin(dist).reshape(z.shape[:-1])
         z_q = jnp.take(cb, ids, axis=0)
         codebook_loss = jnp.mean((z_q - jax.lax.stop_gradient(z)) ** 2)
         commit_loss = jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2)

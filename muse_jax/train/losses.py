@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muse_jax.models import arg_reductions
+
 
 def masked_cross_entropy(
     logits: jax.Array, targets: jax.Array, mask: jax.Array, label_smoothing: float = 0.0
@@ -20,7 +22,7 @@ def masked_cross_entropy(
     ce = optax.softmax_cross_entropy(logits, labels)
     weights = mask.astype(jnp.float32)
     denom = jnp.maximum(weights.sum(), 1.0)
-    acc = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    acc = (arg_reductions.argmax(logits) == targets).astype(jnp.float32)
     return (ce * weights).sum() / denom, (acc * weights).sum() / denom
 
 
