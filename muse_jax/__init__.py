@@ -1,9 +1,10 @@
 """muse_jax: Muse (Chang et al., 2023) in JAX/Flax.
 
 MUSE_JAX_ONEDNN=1 in the environment makes importing the package add XLA's CPU flags that route
-float32 dots (attention included) through oneDNN: measured here, the sampler's decoding loop
-runs 1.3x faster on CPU (BENCHMARKS.md). Opt-in because with jaxlib 0.10.2 the same flags abort
-the base stage's train step ("partition compile failed"). They concern only XLA's CPU backend
+float32 dots (attention included) through oneDNN: measured here, before the heads-major
+attention of `muse_jax.models.attention`, the sampler's decoding loop ran 1.3x faster on CPU
+(BENCHMARKS.md). Opt-in because with jaxlib 0.10.2 the same flags abort the base stage's train
+step ("partition compile failed"). They concern only XLA's CPU backend
 and take effect only if JAX has not started a backend yet.
 
 Run as a program (`python -m muse_jax.<binary>`), the package first re-executes the command with

@@ -58,11 +58,6 @@ def _heads_major(qt, kt, vt, bias, scale):
     return _forward(qt, kt, vt, bias, scale)[0]
 
 
-def _heads_major_fwd(qt, kt, vt, bias, scale):
-    out, res = _forward(qt, kt, vt, bias, scale)
-    return out, res
-
-
 def _heads_major_bwd(scale, res, d_out):
     qt, kt, vt, bias, p, inv_sum, out = res
     d_out32 = d_out.astype(jnp.float32)
@@ -79,7 +74,7 @@ def _heads_major_bwd(scale, res, d_out):
     return d_q.astype(qt.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), None
 
 
-_heads_major.defvjp(_heads_major_fwd, _heads_major_bwd)
+_heads_major.defvjp(_forward, _heads_major_bwd)
 
 
 def dot_product_attention(
