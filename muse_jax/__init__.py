@@ -4,12 +4,13 @@ MUSE_JAX_ONEDNN=1 in the environment makes importing the package add XLA's CPU f
 float32 dots (attention included) through oneDNN: measured here, before the heads-major
 attention of `muse_jax.models.attention`, the sampler's decoding loop ran 1.3x faster on CPU
 (BENCHMARKS.md). Opt-in because with jaxlib 0.10.2 the same flags abort the base stage's train
-step ("partition compile failed"). They concern only XLA's CPU backend
-and take effect only if JAX has not started a backend yet.
+step ("partition compile failed"). They concern only XLA's CPU backend and take effect only if
+JAX has not started a backend yet.
 
-Run as a program (`python -m muse_jax.<binary>`), the package first re-executes the command with
-transparent huge pages for XLA:CPU's buffers (`muse_jax.host_memory`; MUSE_JAX_HUGEPAGES=0
-turns it off), before anything heavy is imported. Imported as a library, it changes nothing.
+Run as a program (`python -m muse_jax.<binary>` or a `muse-*` console script), the package first
+re-executes the command with transparent huge pages for XLA:CPU's buffers (`muse_jax.host_memory`;
+MUSE_JAX_HUGEPAGES=0 turns it off), before anything heavy is imported. Imported as a library, it
+changes nothing.
 """
 
 import os
@@ -30,8 +31,8 @@ def _set_cpu_flags() -> None:
 _set_cpu_flags()
 
 # (`python -m muse_jax.host_memory` re-executes itself: importing it here would make runpy warn.)
-if sys.orig_argv[1:2] == ["-m"] and sys.orig_argv[2:3] != ["muse_jax.host_memory"]:
+if "muse_jax.host_memory" not in sys.orig_argv:
     from muse_jax import host_memory
 
-    if host_memory.running_a_muse_program():
+    if host_memory.muse_program():
         host_memory.reexec_with_hugepages()

@@ -11,8 +11,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from muse_jax import host_memory  # noqa: E402
-
 
 class UsageError(Exception):
     """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
@@ -66,10 +64,7 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """`absl.app.run` with clear one-line errors for flag and user mistakes (after re-executing
-    with transparent huge pages for XLA:CPU's buffers where that works, see `host_memory`)."""
-    if host_memory.running_a_muse_program():  # Console scripts; `-m` did it at import.
-        host_memory.reexec_with_hugepages()
+    """`absl.app.run` with clear one-line errors for flag and user mistakes."""
 
     def wrapped(argv):
         logging.set_verbosity(logging.ERROR)

@@ -1,4 +1,4 @@
-"""The huge-page re-exec: applied to `python -m muse_jax.*`, opt-out, and fewer page faults."""
+"""The huge-page re-exec: which processes it applies to, the real hooks, opt-outs, fewer faults."""
 
 import os
 import subprocess
@@ -14,10 +14,11 @@ needs_thp = pytest.mark.skipif(
     host_memory.unavailable_reason({}) is not None,
     reason=f"huge pages unavailable: {host_memory.unavailable_reason({})}",
 )
+_OURS = ("GLIBC_TUNABLES", host_memory.ENV, host_memory._DONE, "JAX_PLATFORMS")
 
 
 def _run(args, **env):
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.ENV)}
+    environ = {k: v for k, v in os.environ.items() if k not in _OURS}
     environ.update(env)
     out = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True, check=True
@@ -25,31 +26,61 @@ def _run(args, **env):
     return out.stdout
 
 
-def test_tunable_detection_and_opt_out():
+def test_which_processes_are_muse_programs():
+    prog = host_memory.muse_program
+    assert prog(["python", "-m", "muse_jax.train", "--config=c"]) == "muse_jax.train"
+    assert prog(["python", "-u", "-X", "dev", "-m", "muse_jax.sample"]) == "muse_jax.sample"
+    assert prog(["python", "-mmuse_jax.edit"]) == "muse_jax.edit"
+    assert prog(["python", "/venv/bin/muse-sample", "--prompt=x"]) == "muse-sample"
+    for argv in (
+        ["python", "-m", "pytest", "tests"],
+        ["python", "-c", "import muse_jax"],
+        ["python", "benchmarks/sampler.py"],
+        ["python"],
+    ):
+        assert prog(argv) is None, argv
+
+
+def test_settings_that_turn_it_off():
     assert host_memory.applied(
         {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:" + host_memory.TUNABLE}
     )
     assert not host_memory.applied({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert host_memory.unavailable_reason({host_memory.ENV: "off"}) == f"{host_memory.ENV}=off"
-
-
-def test_only_muse_programs_are_reexecuted():
-    assert host_memory.running_a_muse_program(["python", "-m", "muse_jax.train", "--config=c"])
-    assert host_memory.running_a_muse_program(["python", "/venv/bin/muse-sample", "--prompt=x"])
-    assert not host_memory.running_a_muse_program(["python", "-m", "pytest", "tests"])
-    assert not host_memory.running_a_muse_program(["python", "-c", "import muse_jax"])
-    assert not host_memory.running_a_muse_program(["python"])
+    assert host_memory.unavailable_reason({"JAX_PLATFORMS": "tpu"}) == "JAX_PLATFORMS=tpu"
 
 
 @needs_thp
-def test_binaries_reexecute_with_the_tunable_unless_turned_off():
+def test_reexecutes_with_the_tunable_and_respects_the_users_settings():
     assert "on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" in _run(["-m", "muse_jax.host_memory"])
     assert "off (MUSE_JAX_HUGEPAGES=0)" in _run(
         ["-m", "muse_jax.host_memory"], MUSE_JAX_HUGEPAGES="0"
     )
-    # Other tunables the user set are kept.
     out = _run(["-m", "muse_jax.host_memory"], GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
     assert "GLIBC_TUNABLES=glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1" in out
+    out = _run(["-m", "muse_jax.host_memory"], GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    assert "as you set them (glibc.malloc.hugetlb=0)" in out
+
+
+_SWEEP = """
+import os
+print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
+from muse_jax.sweep import axis, product
+def get_sweep():
+    return product(axis("seed", [0]))
+"""
+
+
+@needs_thp
+def test_binaries_reexecute_at_package_import(tmp_path):
+    """The hook in muse_jax/__init__.py, through a real binary (`-m` and the console script)."""
+    sweep = tmp_path / "print_env_sweep.py"
+    sweep.write_text(_SWEEP)
+    assert f"TUNABLES={host_memory.TUNABLE}" in _run(["-m", "muse_jax.sweep", str(sweep)])
+    assert "TUNABLES=\n" in _run(["-m", "muse_jax.sweep", str(sweep)], MUSE_JAX_HUGEPAGES="0")
+    script = os.path.join(os.path.dirname(sys.executable), "muse-sweep")
+    if os.path.exists(script):  # Installed with `pip install -e .`.
+        assert f"TUNABLES={host_memory.TUNABLE}" in _run([script, str(sweep)])
 
 
 _FAULTS = textwrap.dedent(

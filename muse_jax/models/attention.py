@@ -5,8 +5,8 @@ leaves XLA:CPU to pick layouts: its score and output dots then run outside YNNPA
 keeps the normalised probabilities plus several [B, N, T, S] temporaries. `heads_major` moves
 heads before positions once, normalises the softmax after the value product (one pass fewer over
 the scores), turns the mask into an additive bias (a select in front of the row max blocks
-XLA's fusion) and has a hand-written backward that keeps only the unnormalised probabilities
-and the row sums. On the 2-core dev CPU at [32, 256, 4, 64] (`python benchmarks/attention.py`,
+XLA's fusion) and has a hand-written backward that keeps the unnormalised probabilities and
+row sums (beside q, k, v and the output) instead of a normalised copy, and recomputes nothing. On the 2-core dev CPU at [32, 256, 4, 64] (`python benchmarks/attention.py`,
 BENCHMARKS.md): forward 2.4x, forward + backward 1.4-1.6x faster than
 `jax.nn.dot_product_attention` (5.6x and 1.6x without `muse_jax.host_memory`'s huge pages).
 Tried and dropped: materialising transposed probabilities so that the two backward dots that
