@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _first_index_where(hit: jax.Array) -> jax.Array:
+def first_index_where(hit: jax.Array) -> jax.Array:
+    """Index of the first True along the last axis of a boolean array; its length if none."""
     n = hit.shape[-1]
     index = jax.lax.broadcasted_iota(jnp.int32, hit.shape, hit.ndim - 1)
     return jnp.min(jnp.where(hit, index, n), axis=-1)
@@ -22,10 +23,10 @@ def _first_index_where(hit: jax.Array) -> jax.Array:
 def argmin(x: jax.Array) -> jax.Array:
     """`jnp.argmin(x, axis=-1)`: the first index of the minimum; of the first NaN if any."""
     m = jnp.min(x, axis=-1, keepdims=True)  # NaN if the row has one: then pick the first NaN.
-    return _first_index_where((x == m) | jnp.isnan(x))
+    return first_index_where((x == m) | jnp.isnan(x))
 
 
 def argmax(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)`, the same way."""
     m = jnp.max(x, axis=-1, keepdims=True)
-    return _first_index_where((x == m) | jnp.isnan(x))
+    return first_index_where((x == m) | jnp.isnan(x))

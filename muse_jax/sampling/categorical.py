@@ -15,6 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models.arg_reductions import first_index_where
+
 
 def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
     """One draw from softmax(logits) along the last axis: int32 of shape logits.shape[:-1].
@@ -46,5 +48,7 @@ def _first_reaching(mass: jax.Array, u: jax.Array) -> jax.Array:
     positive = mass > 0
     hit = (cum >= u * cum[..., -1:]) & positive
     n = mass.shape[-1]
-    last = n - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
-    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
+    first = first_index_where(hit)
+    from_end = first_index_where(positive[..., ::-1])
+    last = n - 1 - jnp.where(from_end < n, from_end, 0)  # No positive mass at all: n - 1.
+    return jnp.where(first < n, first, last)
