@@ -70,6 +70,20 @@ def conv_general_dilated(dtype: Dtype) -> Callable | None:
     return _accumulating_in_float32(jax.lax.conv_general_dilated, dtype)
 
 
+def dense(
+    features: int, in_axis: str, out_axis: str, dtype: Dtype, name: str | None = None
+) -> nn.Dense:
+    """A Dense layer with logically partitioned kernel/bias and the dtype's dot (above)."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        dot_general=dot_general(dtype),
+        kernel_init=partitioned(dense_init(), in_axis, out_axis),
+        bias_init=partitioned(nn.initializers.zeros, out_axis),
+        name=name,
+    )
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with a logically partitioned scale and bias."""
 
@@ -94,25 +108,11 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         width = x.shape[-1]
-        h = nn.Dense(
-            self.mlp_dim,
-            dtype=self.dtype,
-            dot_general=dot_general(self.dtype),
-            kernel_init=partitioned(dense_init(), "embed", "mlp"),
-            bias_init=partitioned(nn.initializers.zeros, "mlp"),
-            name="wi",
-        )(x)
+        h = dense(self.mlp_dim, "embed", "mlp", self.dtype, name="wi")(x)
         h = nn.gelu(h)
         h = constrain(h, "batch", "length", "mlp")
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(
-            width,
-            dtype=self.dtype,
-            dot_general=dot_general(self.dtype),
-            kernel_init=partitioned(dense_init(), "mlp", "embed"),
-            bias_init=partitioned(nn.initializers.zeros, "embed"),
-            name="wo",
-        )(h)
+        return dense(width, "mlp", "embed", self.dtype, name="wo")(h)
 
 
 class _HeadsProjection(nn.Module):

@@ -101,13 +101,7 @@ class MaskedTransformer(nn.Module):
             partitioned(nn.initializers.normal(0.02), "length", "embed"),
             (self.seq_len, self.width),
         )
-        self.context_proj = nn.Dense(
-            self.width,
-            dtype=self.dtype,
-            dot_general=layers.dot_general(self.dtype),
-            kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
-            bias_init=partitioned(nn.initializers.zeros, "embed"),
-        )
+        self.context_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         self.context_norm = layers.LayerNorm(self.dtype)
         self.blocks = [
             Block(
@@ -122,13 +116,7 @@ class MaskedTransformer(nn.Module):
             for _ in range(self.depth)
         ]
         self.final_norm = layers.LayerNorm(self.dtype)
-        self.head = nn.Dense(
-            self.vocab_size,
-            dtype=self.dtype,
-            dot_general=layers.dot_general(self.dtype),
-            kernel_init=partitioned(layers.dense_init(), "embed", "vocab"),
-            bias_init=partitioned(nn.initializers.zeros, "vocab"),
-        )
+        self.head = layers.dense(self.vocab_size, "embed", "vocab", self.dtype)
 
     def encode_context(self, context: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Projects text embeddings [B, S, C] to every layer's cross-attention (keys, values)."""
@@ -247,13 +235,7 @@ class SuperResTransformer(nn.Module):
 
     def setup(self) -> None:
         if self.aligned_lowres:
-            self.aligned_proj = nn.Dense(
-                self.width,
-                dtype=self.dtype,
-                dot_general=layers.dot_general(self.dtype),
-                kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
-                bias_init=partitioned(nn.initializers.zeros, "embed"),
-            )
+            self.aligned_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         self.lowres = TinyTextEncoder(
             vocab_size=self.lowres_vocab_size,
             max_length=self.lowres_len,
@@ -264,13 +246,7 @@ class SuperResTransformer(nn.Module):
             dtype=self.dtype,
             attention=self.attention,
         )
-        self.text_proj = nn.Dense(
-            self.width,
-            dtype=self.dtype,
-            dot_general=layers.dot_general(self.dtype),
-            kernel_init=partitioned(layers.dense_init(), "context_embed", "embed"),
-            bias_init=partitioned(nn.initializers.zeros, "embed"),
-        )
+        self.text_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         self.high = MaskedTransformer(
             vocab_size=self.vocab_size,
             seq_len=self.seq_len,
