@@ -11,7 +11,6 @@ batch 32, 256 tokens, 4 heads of 64; `--keys=16 --mask` is its cross-attention t
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,18 +22,9 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from train_steps import wall_times  # noqa: E402
 
 from muse_jax.models import attention  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -71,8 +61,8 @@ def main() -> None:
         fwd = jax.jit(f)
         loss = lambda q, k, v: jnp.sum((f(q, k, v) * w).astype(jnp.float32))  # noqa: B023
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        tf = best_time(lambda: fwd(q, k, v), args.repeats)  # noqa: B023
-        tb = best_time(lambda: grad(q, k, v), args.repeats)  # noqa: B023
+        tf = min(wall_times(lambda: fwd(q, k, v), args.repeats))  # noqa: B023
+        tb = min(wall_times(lambda: grad(q, k, v), args.repeats))  # noqa: B023
         results[impl] = (tf, tb)
         print(
             f"{impl:<12} fwd {tf * 1e3:8.2f} ms {flops / tf / 1e9:6.0f} GFLOP/s   "

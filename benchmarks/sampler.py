@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from train_steps import cost_flops, matmul_peak  # noqa: E402
+from train_steps import cost_flops, matmul_peak, wall_times  # noqa: E402
 
 from muse_jax.models.transformer import MaskedTransformer  # noqa: E402
 from muse_jax.models.vqgan import VQGAN  # noqa: E402
@@ -67,14 +67,8 @@ class Workload:
 
 
 def _time(fn, repeats: int) -> float:
-    """Median wall seconds of `fn()` (which blocks) over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall seconds of `fn()` over `repeats` runs, after one warm-up."""
+    return statistics.median(wall_times(fn, repeats))
 
 
 def build_ours(w: Workload, dtype: str) -> tuple[MuseSampler, dict[str, Any]]:

@@ -45,19 +45,24 @@ def load_config(spec: str):
     return module.get_config(arg)
 
 
+def wall_times(fn, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` after one warm-up call; results are waited for."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of one jitted n^3 matmul in `dtype`, best of repeats: the roofline MFU is measured
     against. bf16 accumulates in f32 (the form our models use and XLA's CPU backend runs
     natively, see models/layers.dot_general)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(wall_times(lambda: f(x), repeats))
 
 
 def cost_flops(compiled) -> float:
