@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models import attention
+from muse_jax.models import activations, attention, dense_dot
 
 Dtype = Any
 
@@ -60,9 +60,10 @@ def _accumulating_in_float32(op: Callable, dtype: Dtype) -> Callable | None:
     return bf16_op
 
 
-def dot_general(dtype: Dtype) -> Callable | None:
-    """The `dot_general` of Dense layers computing in `dtype` (see `_accumulating_in_float32`)."""
-    return _accumulating_in_float32(jax.lax.dot_general, dtype)
+def dot_general(dtype: Dtype, transposed_weight_grad: bool = True) -> Callable:
+    """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s, which accumulates
+    bf16 in float32 as `_accumulating_in_float32` does; see there for `transposed_weight_grad`."""
+    return dense_dot.dot_general(dtype, transposed_weight_grad)
 
 
 def conv_general_dilated(dtype: Dtype) -> Callable | None:
@@ -71,13 +72,18 @@ def conv_general_dilated(dtype: Dtype) -> Callable | None:
 
 
 def dense(
-    features: int, in_axis: str, out_axis: str, dtype: Dtype, name: str | None = None
+    features: int,
+    in_axis: str,
+    out_axis: str,
+    dtype: Dtype,
+    name: str | None = None,
+    transposed_weight_grad: bool = True,
 ) -> nn.Dense:
     """A Dense layer with logically partitioned kernel/bias and the dtype's dot (above)."""
     return nn.Dense(
         features,
         dtype=dtype,
-        dot_general=dot_general(dtype),
+        dot_general=dot_general(dtype, transposed_weight_grad),
         kernel_init=partitioned(dense_init(), in_axis, out_axis),
         bias_init=partitioned(nn.initializers.zeros, out_axis),
         name=name,
@@ -109,10 +115,11 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         width = x.shape[-1]
         h = dense(self.mlp_dim, "embed", "mlp", self.dtype, name="wi")(x)
-        h = nn.gelu(h)
+        h = activations.gelu(h)
         h = constrain(h, "batch", "length", "mlp")
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return dense(width, "mlp", "embed", self.dtype, name="wo")(h)
+        # XLA would fuse the GELU into the transposing copy (see `dense_dot`).
+        return dense(width, "mlp", "embed", self.dtype, "wo", transposed_weight_grad=False)(h)
 
 
 class _HeadsProjection(nn.Module):

@@ -1,0 +1,72 @@
+r"""Dense-layer gradients: jax's own `dot_general` vs `muse_jax.models.dense_dot`'s.
+
+Gradient of a Dense layer (input and kernel) at the shapes of the peer-size base transformer's
+projections and MLP in a train step (8192 tokens, width 256, MLP 1024), best of `--repeats`
+after compilation. The input is a plain array, as the LayerNorm and attention outputs that feed
+most projections are; see `dense_dot.dot_general` for the GELU-fed MLP output projection.
+
+  python benchmarks/dense_dot.py
+  python benchmarks/dense_dot.py --tokens=2048 --dtype=bfloat16
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from muse_jax import host_memory  # noqa: E402
+
+if __name__ == "__main__":
+    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from train_steps import wall_times  # noqa: E402
+
+from muse_jax.models import dense_dot, layers  # noqa: E402
+
+_DENSE = (((1,), (0,)), ((), ()))
+
+
+def _grad_seconds(dot, x, w, g, repeats: int) -> float:
+    grads = jax.jit(jax.grad(lambda x, w, g: jnp.vdot(dot(x, w, _DENSE), g), (0, 1)))
+    return min(wall_times(lambda: grads(x, w, g), repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--shapes", default="256x256,256x1024,1024x256", help="in x out, ...")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    dtype = layers.get_dtype(args.dtype)
+    print(
+        f"device: {jax.devices()[0].platform} x{jax.device_count()}, {args.dtype}, "
+        f"{args.tokens} tokens, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+    )
+    print(f"{'in x out':>10} {'jax ms':>8} {'dense_dot ms':>13} {'speed-up':>9} {'GFLOP':>6}")
+    rng = np.random.default_rng(0)
+    for spec in args.shapes.split(","):
+        k, n = (int(v) for v in spec.split("x"))
+        x = jnp.asarray(rng.standard_normal((args.tokens, k)), dtype)
+        w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+        g = jnp.asarray(rng.standard_normal((args.tokens, n)), dtype)
+        times = {
+            name: _grad_seconds(dot or jax.lax.dot_general, x, w, g, args.repeats)
+            for name, dot in (
+                ("jax", layers._accumulating_in_float32(jax.lax.dot_general, dtype)),
+                ("dense_dot", dense_dot.dot_general(dtype)),
+            )
+        }
+        gflop = 2 * 2 * args.tokens * k * n / 1e9
+        print(
+            f"{spec:>10} {times['jax'] * 1e3:8.2f} {times['dense_dot'] * 1e3:13.2f} "
+            f"{times['jax'] / times['dense_dot']:8.2f}x {gflop:6.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
