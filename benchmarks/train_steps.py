@@ -1,8 +1,9 @@
 r"""Train-step throughput and MFU of every stage of a config, on random weights.
 
 Each stage's jitted train step (the trainer's: donated state, frozen inputs) runs on a synthetic
-batch of the stage's shapes; frozen parts (tokenizers, ...) are random initialisations, which
-costs the same FLOPs as trained ones. Prints steps/s, examples/s, XLA's FLOPs per step and the
+batch of the stage's shapes; with the stage's `train.steps_per_call` K > 1 so does the trainer's
+K-step program, whose rate is the headline (the K=1 MFU is printed beside it). Frozen parts
+(tokenizers, ...) are random initialisations, which cost the same FLOPs as trained ones. Prints steps/s, examples/s, XLA's FLOPs per step and the
 MFU against a float32 matmul measured in the same run, plus the seconds that `num_steps` of the
 config take at that rate (compile time reported apart).
 
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from muse_jax import parallel  # noqa: E402
 from muse_jax.train import stage as stage_lib  # noqa: E402
+from muse_jax.train import trainer  # noqa: E402
 
 STAGES = ("tokenizer", "base", "superres_tokenizer", "superres", "decoder")
 
@@ -121,25 +123,42 @@ def bench(name: str, config, workdir: str, steps: int, peak: float) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
-    flops = cost_flops(compiled)
-    state, metrics = compiled(state, batch, frozen)  # Warm-up.
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch, frozen)
-    jax.block_until_ready(metrics)
-    dt = (time.perf_counter() - t0) / steps
+    flops = cost_flops(compiled)  # Per step (a scan's cost analysis counts one iteration).
+    state, dt_single = _seconds_per_step(compiled, state, (batch, frozen), steps, 1)
+    k = trainer.steps_per_call_of(stage.train_config)
+    dt = dt_single
+    if k > 1:  # The trainer's multi-step program: what training runs at.
+        batches = jax.tree.map(lambda x: jnp.stack([x] * k), batch)
+        multi = jax.jit(trainer.multi_step(step_fn), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled_k = multi.lower(state, batches, frozen).compile()
+        compile_s += time.perf_counter() - t0
+        state, dt = _seconds_per_step(compiled_k, state, (batches, frozen), steps, k)
     return dict(
         stage=name,
         batch=bs,
+        steps_per_call=k,
         steps_per_s=1 / dt,
         examples_per_s=bs / dt,
         gflop_per_step=flops / 1e9,
         mfu=flops / dt / peak,
+        mfu_single=flops / dt_single / peak,
         compile_s=compile_s,
         config_steps=int(stage.train_config.num_steps),
         config_s=int(stage.train_config.num_steps) * dt,
     )
+
+
+def _seconds_per_step(compiled, state, args: tuple, steps: int, per_call: int):
+    """(state, wall seconds per train step) over at least `steps` steps after one warm-up call."""
+    state, metrics = compiled(state, *args)
+    jax.block_until_ready(metrics)
+    calls = -(-steps // per_call)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        state, metrics = compiled(state, *args)
+    jax.block_until_ready(metrics)
+    return state, (time.perf_counter() - t0) / (calls * per_call)
 
 
 def main() -> None:
@@ -173,15 +192,19 @@ def main() -> None:
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"float32 matmul (2048^3, jit, best of 5): {peak / 1e9:.1f} GFLOP/s"
     )
-    head = f"{'stage':<20}{'batch':>6}{'steps/s':>9}{'ex/s':>9}{'GFLOP/step':>12}{'MFU':>7}{'compile s':>11}{'config steps -> s':>19}"
+    head = (
+        f"{'stage':<20}{'batch':>6}{'K':>3}{'steps/s':>9}{'ex/s':>9}{'GFLOP/step':>12}{'MFU':>7}"
+        f"{'MFU K=1':>9}{'compile s':>11}{'config steps -> s':>19}"
+    )
     print(head)
     total = 0.0
     for name in args.stages.split(","):
         r = bench(name, config, args.workdir, args.steps, peak)
         total += r["config_s"]
         print(
-            f"{r['stage']:<20}{r['batch']:>6}{r['steps_per_s']:>9.2f}{r['examples_per_s']:>9.1f}"
-            f"{r['gflop_per_step']:>12.2f}{r['mfu']:>7.0%}{r['compile_s']:>11.1f}"
+            f"{r['stage']:<20}{r['batch']:>6}{r['steps_per_call']:>3}{r['steps_per_s']:>9.2f}"
+            f"{r['examples_per_s']:>9.1f}{r['gflop_per_step']:>12.2f}{r['mfu']:>7.0%}"
+            f"{r['mfu_single']:>9.0%}{r['compile_s']:>11.1f}"
             f"{r['config_steps']:>10} -> {r['config_s']:>5.0f}"
         )
     print(

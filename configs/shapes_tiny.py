@@ -37,12 +37,18 @@ HELD_OUT_PROMPTS = (
 
 
 def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
+    train = ml_collections.ConfigDict(
         dict(
             batch_size=batch_size,
             num_steps=num_steps,
             time_budget_s=0.0,  # > 0 stops the stage (with a checkpoint) after this many seconds.
             log_every=50,
+            # Train steps per jitted call (a scan over that many batches): on XLA:CPU one call
+            # maps and faults in its temporary buffer afresh, so K steps per call pay that once.
+            # Keep 1 for convolutional stages there: weight-gradient convolutions inside a loop
+            # lose XLA:CPU's fast layouts (the tokenizer step ran 50x slower). Calls never
+            # straddle a log/summary/checkpoint step; preemption is checked between calls.
+            steps_per_call=1,
             summary_every=500,
             checkpoint_every=500,
             keep_checkpoints=2,
@@ -58,9 +64,10 @@ def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.C
                     grad_clip=1.0,
                 )
             ),
-            **kw,
         )
     )
+    train.update(kw)
+    return train
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -161,7 +168,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             # A directory written by `python -m muse_jax.embed`: train on precomputed text
             # embeddings instead of running the text encoder (the paper's T5-XXL setting).
             text_embeddings="",
-            train=_train(batch_size=64, num_steps=600, lr=1e-3),
+            train=_train(batch_size=64, num_steps=600, lr=1e-3, steps_per_call=4),
         )
     )
 

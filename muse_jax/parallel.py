@@ -78,6 +78,11 @@ def batch_sharding(mesh: Mesh, axis_rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def stacked(sharding: NamedSharding) -> NamedSharding:
+    """`sharding` behind a new, unsplit leading axis (batches of several steps, stacked)."""
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+
+
 def abstract_state(
     init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, axis_rules: Rules
 ) -> tuple[Any, Any]:

@@ -1,7 +1,8 @@
 """One process of a two-process training run on localhost (run by tests/test_multihost.py).
 
 Usage: python tests/multiprocess_worker.py PROCESS_ID PORT WORKDIR -> one JSON line.
-Each process owns 2 CPU devices; jax.distributed joins them into one 4-device mesh.
+Each process owns 2 CPU devices; jax.distributed joins them into one 4-device mesh. The base
+stage runs two steps per call.
 """
 
 import json
@@ -25,7 +26,8 @@ config = shapes_tiny.get_config("smoke")
 config.tokenizer.train.num_steps = 2
 tokenizer = trainer.train(config, workdir, "tokenizer")
 train = config.base.train
-train.num_steps, train.log_every, train.checkpoint_every = 4, 1, 2
+train.num_steps, train.log_every, train.checkpoint_every = 4, 2, 2
+train.steps_per_call = 2  # Each call: two steps over a stacked, process-spanning batch.
 first = trainer.train(config, workdir, "base")
 train.num_steps = 6
 second = trainer.train(config, workdir, "base")

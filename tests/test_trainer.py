@@ -209,3 +209,67 @@ def test_resume_sees_the_batches_and_reaches_the_state_of_an_uninterrupted_run(
     ]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "step,expected",
+    [
+        (0, 4),  # 1..4 end on log step 4: allowed.
+        (4, 4),
+        (6, 1),  # 7..10 would pass log step 8.
+        (7, 1),
+        (8, 1),  # 9..12 would pass checkpoint step 10.
+        (10, 1),  # 11..14 would pass log step 12.
+        (12, 4),
+        (14, 1),
+        (16, 1),  # 17..20 would pass the end (18).
+        (17, 1),
+    ],
+)
+def test_multi_step_calls_never_straddle_a_log_checkpoint_or_the_end(step, expected):
+    every = (4, 0, 10)  # log_every, summary_every (0: never), checkpoint_every.
+    assert trainer.steps_in_next_call(step, 4, 18, every) == expected
+    assert trainer.steps_in_next_call(step, 1, 18, every) == 1
+
+
+def test_bad_steps_per_call_is_a_clear_error(smoke_config, tmp_path):
+    smoke_config.tokenizer.train.steps_per_call = 0
+    with pytest.raises(ValueError, match="train.steps_per_call must be an integer >= 1, got 0"):
+        trainer.train(smoke_config, str(tmp_path), "tokenizer")
+
+
+def test_steps_per_call_trains_exactly_as_one_step_per_call(smoke_config, tmp_path, monkeypatch):
+    """Same batches, logged means and final parameters with 4 steps per call as with 1; and
+    the 4-step program really ran (steps 1-4 and 5-8 in one call each, the rest singly)."""
+    smoke_config.data.data_dir = str(tmp_path / "data")
+    train = smoke_config.tokenizer.train
+    train.num_steps, train.log_every, train.checkpoint_every, train.summary_every = 10, 4, 10, 1000
+    stacked: list[int] = []
+    real_stack = trainer.stack_batches
+
+    def counting(batches):
+        stacked.append(len(batches))
+        return real_stack(batches)
+
+    monkeypatch.setattr(trainer, "stack_batches", counting)
+    runs = {}
+    for k in (1, 4):
+        train.steps_per_call = k
+        workdir = str(tmp_path / f"k{k}")
+        assert trainer.train(smoke_config, workdir, "tokenizer").step == 10
+        runs[k] = workdir
+    assert stacked == [4, 4]  # Steps 9 and 10 (log at 8, end at 10) ran one per call.
+    logs = [_read_scalars(os.path.join(runs[k], "tokenizer"), "train/loss") for k in (1, 4)]
+    assert sorted(logs[0]) == sorted(logs[1]) == [4, 8, 10]
+    for step in logs[0]:
+        np.testing.assert_allclose(logs[1][step], logs[0][step], rtol=1e-5)
+    stage = TokenizerStage(smoke_config, runs[1])
+    mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
+    abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    params = [
+        checkpoints.load_params(os.path.join(runs[k], "tokenizer"), abstract, "tokenizer")[0]
+        for k in (1, 4)
+    ]
+    assert int(params[0].step) == int(params[1].step) == 10
+    for a, b in zip(jax.tree.leaves(params[0].params), jax.tree.leaves(params[1].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

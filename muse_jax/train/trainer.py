@@ -1,8 +1,9 @@
 """The one training loop every stage runs through.
 
-Sharded init, a jitted step with donated state, orbax checkpoints (async, keep N, resume from
-the latest), CLU TensorBoard summaries, progress lines with ETA, SIGTERM -> checkpoint and a
-clean exit, and a non-finite loss stops the run with the last good checkpoint kept.
+Sharded init, a jitted step with donated state (optionally several steps per call), orbax
+checkpoints (async, keep N, resume from the latest), CLU TensorBoard summaries, progress lines
+with ETA, SIGTERM -> checkpoint and a clean exit, and a non-finite loss stops the run with the
+last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from clu import metric_writers, periodic_actions
 
 from muse_jax import parallel
@@ -78,6 +82,54 @@ def save_config(config, directory: str) -> None:
         f.write(config.to_json_best_effort(indent=2))
 
 
+def steps_per_call_of(train_config) -> int:
+    """The stage's `train.steps_per_call` (default 1), checked."""
+    k = train_config.get("steps_per_call", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"train.steps_per_call must be an integer >= 1, got {k!r}.")
+    return k
+
+
+def _boundaries(train_config) -> tuple[int, ...]:
+    return tuple(
+        int(train_config[key]) for key in ("log_every", "summary_every", "checkpoint_every")
+    )
+
+
+def steps_in_next_call(step: int, steps_per_call: int, num_steps: int, every: tuple[int, ...]):
+    """`steps_per_call` when that many steps from `step` reach no log/summary/checkpoint step
+    (or the end) before their last one, else 1: the trainer compiles just these two programs."""
+    if steps_per_call == 1:
+        return 1
+    end = step + steps_per_call
+    if end > num_steps:
+        return 1
+    for e in every:
+        if e > 0 and (step // e + 1) * e < end:
+            return 1
+    return steps_per_call
+
+
+def multi_step(step_fn: Callable) -> Callable:
+    """(state, batches stacked on a leading axis, frozen) -> (state, metrics summed over them):
+    `step_fn` in a scan, the same steps and random streams as one call per batch."""
+
+    def steps(state, batches, frozen):
+        def body(s, batch):
+            return step_fn(s, batch, frozen)
+
+        state, metrics = jax.lax.scan(body, state, batches)
+        return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+
+    return steps
+
+
+def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Host batches -> one dict of arrays with a leading steps axis (array entries only)."""
+    keys = [k for k, v in batches[0].items() if isinstance(v, np.ndarray) and v.dtype != object]
+    return {k: np.stack([b[k] for b in batches]) for k in keys}
+
+
 def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     """Runs (or resumes) the stage `stage_name` (default `config.stage`) in `workdir/<stage>`."""
     t_start = time.time()
@@ -121,6 +173,15 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
+    steps_per_call = steps_per_call_of(tc)
+    train_steps = None
+    if steps_per_call > 1:
+        train_steps = jax.jit(
+            multi_step(step_fn),
+            in_shardings=(shardings, parallel.stacked(batch_sharding), None),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
     writer = metric_writers.create_default_writer(
         stage.stage_dir, just_logging=jax.process_index() > 0, asynchronous=True
     )
@@ -139,11 +200,17 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     step = start
     with _Preemption() as preemption, mesh:
         while step < num_steps:
-            batch = parallel.shard_batch(next(batches), batch_sharding)
-            state, metrics = train_step(state, batch, frozen)
-            step += 1
+            k = steps_in_next_call(step, steps_per_call, num_steps, _boundaries(tc))
+            if k == 1:
+                batch = parallel.shard_batch(next(batches), batch_sharding)
+                state, metrics = train_step(state, batch, frozen)
+            else:
+                stacked = stack_batches([next(batches) for _ in range(k)])
+                batch = parallel.shard_batch(stacked, parallel.stacked(batch_sharding))
+                state, metrics = train_steps(state, batch, frozen)  # Summed over the k steps.
+            step += k
             acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
-            acc_count += 1
+            acc_count += k
             report(step, time.time())
 
             stop_reason = None
