@@ -123,7 +123,7 @@ def bench(name: str, config, workdir: str, steps: int, peak: float) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
-    flops = cost_flops(compiled)  # Per step (a scan's cost analysis counts one iteration).
+    flops = cost_flops(compiled)  # Per step, from the one-step program.
     state, dt_single = _seconds_per_step(compiled, state, (batch, frozen), steps, 1)
     k = trainer.steps_per_call_of(stage.train_config)
     dt = dt_single

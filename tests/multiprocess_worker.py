@@ -22,6 +22,10 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 from configs import shapes_tiny  # noqa: E402
 from muse_jax.train import trainer  # noqa: E402
 
+multi_step_calls = []
+_stack = trainer.stack_batches
+trainer.stack_batches = lambda batches: multi_step_calls.append(len(batches)) or _stack(batches)
+
 config = shapes_tiny.get_config("smoke")
 config.tokenizer.train.num_steps = 2
 tokenizer = trainer.train(config, workdir, "tokenizer")
@@ -40,6 +44,7 @@ print(
             "tokenizer": [tokenizer.status, tokenizer.step],
             "first": [first.status, first.step, first.metrics["loss"]],
             "second": [second.status, second.step, second.metrics["loss"]],
+            "multi_step_calls": multi_step_calls,
         }
     ),
     flush=True,

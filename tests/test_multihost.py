@@ -43,3 +43,5 @@ def test_two_processes_train_save_resume_and_agree_on_the_loss(tmp_path):
     # Both processes see the same global loss, before and after the save/restore.
     assert a["first"] == b["first"] and a["second"] == b["second"]
     assert "[base] resumed from checkpoint step 4" in outs[0]
+    # Steps 1-2 and 5-6 ran as two-step calls (3 and 4 singly: summary_every=3).
+    assert a["multi_step_calls"] == b["multi_step_calls"] == [2, 2]

@@ -135,6 +135,7 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     t_start = time.time()
     stage = stage_lib.get(stage_name or config.stage)(config, workdir)
     tc = stage.train_config
+    steps_per_call = steps_per_call_of(tc)  # A bad value fails before any data or jit work.
     os.makedirs(stage.stage_dir, exist_ok=True)
     save_config(config, stage.stage_dir)
     data_stats = stage.data_stats()  # Builds the data first: a bad source fails before any jit.
@@ -173,7 +174,6 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    steps_per_call = steps_per_call_of(tc)
     train_steps = None
     if steps_per_call > 1:
         train_steps = jax.jit(
