@@ -113,10 +113,14 @@ def jit_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, ax
     return state, shardings, abstract
 
 
+def device_entries(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The entries of a host batch that go to devices: numeric arrays (not captions)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+
+
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places a host-local batch on the mesh (multi-host: each process passes its own slice)."""
     return {
         k: jax.make_array_from_process_local_data(sharding, v)
-        for k, v in batch.items()
-        if isinstance(v, np.ndarray) and v.dtype != object
+        for k, v in device_entries(batch).items()
     }

@@ -126,7 +126,7 @@ def multi_step(step_fn: Callable) -> Callable:
 
 def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Host batches -> one dict of arrays with a leading steps axis (array entries only)."""
-    keys = [k for k, v in batches[0].items() if isinstance(v, np.ndarray) and v.dtype != object]
+    keys = parallel.device_entries(batches[0])
     return {k: np.stack([b[k] for b in batches]) for k in keys}
 
 
@@ -174,11 +174,11 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    train_steps = None
+    train_steps, stacked_sharding = None, parallel.stacked(batch_sharding)
     if steps_per_call > 1:
         train_steps = jax.jit(
             multi_step(step_fn),
-            in_shardings=(shardings, parallel.stacked(batch_sharding), None),
+            in_shardings=(shardings, stacked_sharding, None),
             out_shardings=(shardings, None),
             donate_argnums=(0,),
         )
@@ -198,15 +198,16 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     t_log, step_log = time.time(), start
     budget = float(tc.get("time_budget_s", 0.0))
     step = start
+    boundaries = _boundaries(tc)
     with _Preemption() as preemption, mesh:
         while step < num_steps:
-            k = steps_in_next_call(step, steps_per_call, num_steps, _boundaries(tc))
+            k = steps_in_next_call(step, steps_per_call, num_steps, boundaries)
             if k == 1:
                 batch = parallel.shard_batch(next(batches), batch_sharding)
                 state, metrics = train_step(state, batch, frozen)
             else:
                 stacked = stack_batches([next(batches) for _ in range(k)])
-                batch = parallel.shard_batch(stacked, parallel.stacked(batch_sharding))
+                batch = parallel.shard_batch(stacked, stacked_sharding)
                 state, metrics = train_steps(state, batch, frozen)  # Summed over the k steps.
             step += k
             acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
