@@ -44,9 +44,8 @@ def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.C
             time_budget_s=0.0,  # > 0 stops the stage (with a checkpoint) after this many seconds.
             log_every=50,
             # Train steps per jitted call (a scan over that many batches): on XLA:CPU one call
-            # maps and faults in its temporary buffer afresh, so K steps per call pay that once.
-            # Keep 1 for convolutional stages there: weight-gradient convolutions inside a loop
-            # lose XLA:CPU's fast layouts (the tokenizer step ran 50x slower). Calls never
+            # maps and faults in its temporary buffer afresh, so K steps per call pay that once
+            # (two programs are compiled: K steps and 1, so short stages keep 1). Calls never
             # straddle a log/summary/checkpoint step; preemption is checked between calls.
             steps_per_call=1,
             summary_every=500,
@@ -127,7 +126,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 )
             ),
             restart_dead_codes_every=50,  # 0 disables re-seeding of unused codebook entries.
-            train=_train(batch_size=32, num_steps=400, lr=2e-3),
+            train=_train(batch_size=32, num_steps=400, lr=2e-3, steps_per_call=4),
         )
     )
 

@@ -13,7 +13,7 @@ into the dot. The input gradient g w^T contracts the minor axis of both and stay
 Only on CPU, where the batch and feature axes flatten into one [M, K] @ [K, N]; elsewhere (and
 for batched dots) it is `lax.dot_general`, which TPUs and GPUs run natively in any orientation.
 On that path bfloat16 operands accumulate in float32 in both passes (the cotangent is cast back
-to bf16 first); elsewhere the forward does (see `layers._accumulating_in_float32`) and the
+to bf16 first); elsewhere the forward does (see `layers.dot_general`) and the
 backward is jax's.
 """
 

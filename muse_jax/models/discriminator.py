@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import partitioned
+from muse_jax.models.layers import conv_general_dilated, partitioned
 
 
 class PatchDiscriminator(nn.Module):
@@ -33,8 +33,15 @@ class PatchDiscriminator(nn.Module):
                 padding="SAME",
                 kernel_init=init,
                 bias_init=bias,
+                conv_general_dilated=conv_general_dilated(jnp.float32),
             )(x)
             x = nn.leaky_relu(x, 0.2)
-        return nn.Conv(1, (3, 3), padding="SAME", kernel_init=init, bias_init=bias)(x)[
-            ..., 0
-        ].astype(jnp.float32)
+        logits = nn.Conv(
+            1,
+            (3, 3),
+            padding="SAME",
+            kernel_init=init,
+            bias_init=bias,
+            conv_general_dilated=conv_general_dilated(jnp.float32),
+        )(x)
+        return logits[..., 0].astype(jnp.float32)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models import activations, attention, dense_dot
+from muse_jax.models import activations, attention, conv_grad, dense_dot
 
 Dtype = Any
 
@@ -42,33 +42,22 @@ def dense_init() -> Callable:
     return nn.initializers.xavier_uniform()
 
 
-def _accumulating_in_float32(op: Callable, dtype: Dtype) -> Callable | None:
-    """`op` (a lax dot or convolution) for Flax layers computing in `dtype`; None: Flax's default.
-
-    In bfloat16 the op takes bf16 operands but accumulates and returns float32, cast back to
-    bf16: what TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only
-    form XLA runs natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as
-    upcast + float32 dot + downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md).
-    """
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return None
-
-    def bf16_op(*args, preferred_element_type=None, **kwargs):
-        del preferred_element_type
-        return op(*args, preferred_element_type=jnp.float32, **kwargs).astype(dtype)
-
-    return bf16_op
-
-
 def dot_general(dtype: Dtype, transposed_weight_grad: bool = True) -> Callable:
-    """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s, which accumulates
-    bf16 in float32 as `_accumulating_in_float32` does; see there for `transposed_weight_grad`."""
+    """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s (see there for
+    `transposed_weight_grad`).
+
+    In bfloat16 the dot takes bf16 operands but accumulates in float32 and casts back: what
+    TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only form XLA runs
+    natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as upcast + float32
+    dot + downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md).
+    """
     return dense_dot.dot_general(dtype, transposed_weight_grad)
 
 
-def conv_general_dilated(dtype: Dtype) -> Callable | None:
-    """The same for convolutions (the VQGAN's)."""
-    return _accumulating_in_float32(jax.lax.conv_general_dilated, dtype)
+def conv_general_dilated(dtype: Dtype) -> Callable:
+    """The same for convolutions (the VQGAN's and its discriminator's): `conv_grad`'s, whose
+    gradients XLA:CPU also runs fast inside loops (several train steps per call)."""
+    return conv_grad.conv_general_dilated(dtype)
 
 
 def dense(
