@@ -44,10 +44,11 @@ def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.C
             time_budget_s=0.0,  # > 0 stops the stage (with a checkpoint) after this many seconds.
             log_every=50,
             # Train steps per jitted call (a scan over that many batches): on XLA:CPU one call
-            # maps and faults in its temporary buffer afresh, so K steps per call pay that once
-            # (two programs are compiled: K steps and 1, so short stages keep 1). Calls never
-            # straddle a log/summary/checkpoint step; preemption is checked between calls.
-            steps_per_call=1,
+            # maps and faults in its temporary buffer afresh, so K steps per call pay that once.
+            # Calls never straddle a log/summary/checkpoint step (those run one step per call,
+            # a second program); K dividing every interval and num_steps keeps it to one
+            # program. Preemption and the time budget are checked between calls.
+            steps_per_call=10,
             summary_every=500,
             checkpoint_every=500,
             keep_checkpoints=2,
@@ -126,7 +127,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 )
             ),
             restart_dead_codes_every=50,  # 0 disables re-seeding of unused codebook entries.
-            train=_train(batch_size=32, num_steps=400, lr=2e-3, steps_per_call=4),
+            train=_train(batch_size=32, num_steps=400, lr=2e-3),
         )
     )
 
@@ -167,7 +168,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             # A directory written by `python -m muse_jax.embed`: train on precomputed text
             # embeddings instead of running the text encoder (the paper's T5-XXL setting).
             text_embeddings="",
-            train=_train(batch_size=64, num_steps=600, lr=1e-3, steps_per_call=4),
+            train=_train(batch_size=64, num_steps=600, lr=1e-3),
         )
     )
 
