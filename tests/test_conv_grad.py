@@ -12,6 +12,7 @@ import pytest
 
 from muse_jax.models import conv_grad
 from muse_jax.models.discriminator import PatchDiscriminator
+from tests import traced
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -89,17 +90,6 @@ def test_flax_conv_with_it_matches_flax_default():
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def _convs(jaxpr) -> list:
-    """Every conv_general_dilated equation of a jaxpr, nested calls included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            found.append(eqn)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            found.extend(_convs(sub))
-    return found
-
-
 def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes():
     x32, w32 = _inputs((2, 8, 8, 16), 3, 8)
     x, w = x32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
@@ -112,7 +102,7 @@ def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes(
     np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=2e-2, atol=2e-2)
     grads = jax.grad(lambda x, w: _loss(ours, 1, "SAME")(x, w).astype(jnp.float32), (0, 1))
     assert all(g.dtype == jnp.bfloat16 for g in grads(x, w))
-    convs = _convs(jax.make_jaxpr(grads)(x, w).jaxpr)
+    convs = traced.equations(jax.make_jaxpr(grads)(x, w).jaxpr, "conv_general_dilated")
     assert len(convs) == 3  # Forward, input gradient, weight gradient.
     for eqn in convs:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn

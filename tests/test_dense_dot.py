@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from muse_jax.models import activations, dense_dot
+from tests import traced
 
 
 def _loss(dot, dims):
@@ -39,17 +40,6 @@ def test_float32_values_and_gradients_equal_jax(case, transposed):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def _dots(jaxpr) -> list:
-    """Every dot_general equation of a jaxpr, nested calls (custom_vjp, pjit) included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            found.extend(_dots(sub))
-    return found
-
-
 def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes():
     """Checked on the traced program: XLA:CPU would upcast a bf16 dot anyway, so the numbers
     alone could not tell a float32 accumulation from a bf16 one."""
@@ -65,7 +55,7 @@ def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes(
     np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=1e-2, atol=1e-2)
     grads = jax.grad(_loss(ours, dims), (0, 1))
     assert all(g.dtype == jnp.bfloat16 for g in grads(x, w))
-    dots = _dots(jax.make_jaxpr(grads)(x, w).jaxpr)
+    dots = traced.equations(jax.make_jaxpr(grads)(x, w).jaxpr, "dot_general")
     assert len(dots) == 3  # Forward, input gradient, weight gradient.
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
