@@ -102,11 +102,8 @@ def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes(
     np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=2e-2, atol=2e-2)
     grads = jax.grad(lambda x, w: _loss(ours, 1, "SAME")(x, w).astype(jnp.float32), (0, 1))
     assert all(g.dtype == jnp.bfloat16 for g in grads(x, w))
-    convs = traced.equations(jax.make_jaxpr(grads)(x, w).jaxpr, "conv_general_dilated")
-    assert len(convs) == 3  # Forward, input gradient, weight gradient.
-    for eqn in convs:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
-        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+    # Forward, input gradient, weight gradient.
+    traced.assert_bf16_operands_float32_accumulation(grads, (x, w), "conv_general_dilated", 3)
 
 
 def _non_canonical_convolutions(loss, params, x) -> list[str]:

@@ -41,8 +41,6 @@ def test_float32_values_and_gradients_equal_jax(case, transposed):
 
 
 def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes():
-    """Checked on the traced program: XLA:CPU would upcast a bf16 dot anyway, so the numbers
-    alone could not tell a float32 accumulation from a bf16 one."""
     rng = np.random.default_rng(1)
     dims = _CASES["dense"][2]
     x32 = jnp.asarray(rng.standard_normal((16, 32, 256)), jnp.float32)
@@ -55,11 +53,8 @@ def test_bfloat16_takes_bf16_operands_and_accumulates_in_float32_in_both_passes(
     np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=1e-2, atol=1e-2)
     grads = jax.grad(_loss(ours, dims), (0, 1))
     assert all(g.dtype == jnp.bfloat16 for g in grads(x, w))
-    dots = traced.equations(jax.make_jaxpr(grads)(x, w).jaxpr, "dot_general")
-    assert len(dots) == 3  # Forward, input gradient, weight gradient.
-    for eqn in dots:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
-        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+    # Forward, input gradient, weight gradient.
+    traced.assert_bf16_operands_float32_accumulation(grads, (x, w), "dot_general", 3)
 
 
 def _eigen_style_dots(hlo: str) -> list[str]:
