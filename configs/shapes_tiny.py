@@ -45,9 +45,11 @@ def _train(batch_size: int, num_steps: int, lr: float, **kw) -> ml_collections.C
             log_every=50,
             # Train steps per jitted call (a scan over that many batches): on XLA:CPU one call
             # maps and faults in its temporary buffer afresh, so K steps per call pay that once.
-            # Calls never straddle a log/summary/checkpoint step (those run one step per call,
-            # a second program); K dividing every interval and num_steps keeps it to one
-            # program. Preemption and the time budget are checked between calls.
+            # A call never straddles a log/summary/checkpoint step or the end: where K steps
+            # would, single steps run up to it (a second program, compiled then: e.g. after a
+            # resume from a step that is not a multiple of K). K dividing every interval and
+            # num_steps keeps it to one program. Preemption and the time budget are checked
+            # between calls.
             steps_per_call=10,
             summary_every=500,
             checkpoint_every=500,
