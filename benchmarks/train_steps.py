@@ -61,7 +61,7 @@ def wall_times(fn, repeats: int) -> list[float]:
 def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of one jitted n^3 matmul in `dtype`, best of repeats: the roofline MFU is measured
     against. bf16 accumulates in f32 (the form our models use and XLA's CPU backend runs
-    natively, see models/layers.dot_general)."""
+    natively, see models/precision.py)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
     return 2 * n**3 / min(wall_times(lambda: f(x), repeats))

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from muse_jax.models import precision as precision_lib
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _NHWC_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
 
@@ -106,8 +108,7 @@ def _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, grou
 
 def conv_general_dilated(dtype: Any) -> Callable:
     """A `conv_general_dilated` for Flax's Conv computing in `dtype`; bfloat16 operands
-    accumulate in float32 (see `layers.dot_general`), in both passes on CPU."""
-    low_precision = jnp.dtype(dtype) == jnp.bfloat16
+    accumulate in float32 (see `precision`), in both passes on CPU."""
 
     def conv(
         lhs: jax.Array,
@@ -121,24 +122,10 @@ def conv_general_dilated(dtype: Any) -> Callable:
         precision: Any = None,
         preferred_element_type: Any = None,
     ) -> jax.Array:
-        accumulate = jnp.float32 if low_precision else preferred_element_type
-        if jax.default_backend() == "cpu" and _is_plain_nhwc(
+        if jax.default_backend() != "cpu" or not _is_plain_nhwc(
             lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
         ):
-            if isinstance(padding, str):
-                padding = lax.padtype_to_pads(
-                    lhs.shape[1:3], rhs.shape[:2], window_strides, padding
-                )
-            out = _canonical_conv(
-                lhs,
-                rhs,
-                tuple(window_strides),
-                tuple((int(lo), int(hi)) for lo, hi in padding),
-                precision,
-                accumulate,
-            )
-        else:
-            out = lax.conv_general_dilated(
+            return lax.conv_general_dilated(
                 lhs,
                 rhs,
                 window_strides,
@@ -148,8 +135,17 @@ def conv_general_dilated(dtype: Any) -> Callable:
                 dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count,
                 precision=precision,
-                preferred_element_type=accumulate,
+                preferred_element_type=preferred_element_type,
             )
-        return out.astype(dtype) if low_precision else out
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        return _canonical_conv(
+            lhs,
+            rhs,
+            tuple(window_strides),
+            tuple((int(lo), int(hi)) for lo, hi in padding),
+            precision,
+            preferred_element_type,
+        )
 
-    return conv
+    return precision_lib.accumulating_in_float32(conv, dtype)

@@ -13,8 +13,7 @@ into the dot. The input gradient g w^T contracts the minor axis of both and stay
 Only on CPU, where the batch and feature axes flatten into one [M, K] @ [K, N]; elsewhere (and
 for batched dots) it is `lax.dot_general`, which TPUs and GPUs run natively in any orientation.
 On that path bfloat16 operands accumulate in float32 in both passes (the cotangent is cast back
-to bf16 first); elsewhere the forward does (see `layers.dot_general`) and the
-backward is jax's.
+to bf16 first); elsewhere the forward does (see `precision`) and the backward is jax's.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+
+from muse_jax.models import precision as precision_lib
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -73,30 +73,30 @@ def dot_general(dtype: Any, transposed_weight_grad: bool = True) -> Callable:
     copy, and its loop emitter runs a fused broadcast + transpose ~8x slower than the copy
     (60 vs 7 ms at [8192, 1024]), more than the Eigen dot it replaces.
     """
-    low_precision = jnp.dtype(dtype) == jnp.bfloat16
 
     def dense_dot_general(
         lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None
     ) -> jax.Array:
-        accumulate = jnp.float32 if low_precision else preferred_element_type
         if (
             not transposed_weight_grad
             or jax.default_backend() != "cpu"
             or not _is_dense(lhs, rhs, dimension_numbers)
         ):
-            out = lax.dot_general(
-                lhs, rhs, dimension_numbers, precision, preferred_element_type=accumulate
-            )
-        else:
-            n = len(dimension_numbers[0][0])
-            batch_shape, features_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
-            k = math.prod(rhs.shape[:n])
-            out = _matmul(
-                lhs.reshape(math.prod(batch_shape), k),
-                rhs.reshape(k, math.prod(features_shape)),
+            return lax.dot_general(
+                lhs,
+                rhs,
+                dimension_numbers,
                 precision,
-                accumulate,
-            ).reshape(batch_shape + features_shape)
-        return out.astype(dtype) if low_precision else out
+                preferred_element_type=preferred_element_type,
+            )
+        n = len(dimension_numbers[0][0])
+        batch_shape, features_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
+        k = math.prod(rhs.shape[:n])
+        return _matmul(
+            lhs.reshape(math.prod(batch_shape), k),
+            rhs.reshape(k, math.prod(features_shape)),
+            precision,
+            preferred_element_type,
+        ).reshape(batch_shape + features_shape)
 
-    return dense_dot_general
+    return precision_lib.accumulating_in_float32(dense_dot_general, dtype)

@@ -44,13 +44,7 @@ def dense_init() -> Callable:
 
 def dot_general(dtype: Dtype, transposed_weight_grad: bool = True) -> Callable:
     """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s (see there for
-    `transposed_weight_grad`).
-
-    In bfloat16 the dot takes bf16 operands but accumulates in float32 and casts back: what
-    TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only form XLA runs
-    natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as upcast + float32
-    dot + downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md).
-    """
+    `transposed_weight_grad`); bfloat16 accumulates in float32 (see `precision`)."""
     return dense_dot.dot_general(dtype, transposed_weight_grad)
 
 
