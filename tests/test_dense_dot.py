@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muse_jax.models import activations, dense_dot
+from muse_jax.models import activations, dense_dot, layers
 from tests import traced
 
 
@@ -75,6 +75,17 @@ def test_weight_gradient_is_a_minor_axis_contraction_on_cpu():
         dot = dense_dot.dot_general(jnp.float32, transposed)
         hlo = jax.jit(jax.grad(_loss(dot, dims), 1)).lower(x, w).compile().as_text()
         assert bool(_eigen_style_dots(hlo)) == expect_major, hlo[-3000:]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout concerns XLA:CPU")
+def test_mlp_weight_gradients_are_minor_axis_contractions_on_cpu():
+    """The GELU-fed output projection too (it kept jax's rule while x^T was materialised)."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((8, 64, 32)), jnp.float32)
+    block = layers.MlpBlock(mlp_dim=128)
+    params = block.init(jax.random.PRNGKey(0), x)
+    loss = lambda p: jnp.sum(jnp.sin(block.apply(p, x)))  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert not _eigen_style_dots(hlo), hlo[-3000:]
 
 
 def test_flax_dense_with_it_matches_plain_dense():

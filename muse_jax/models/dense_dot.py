@@ -2,13 +2,17 @@
 
 jax differentiates y = x @ w into dW = x^T g, a dot that contracts the *major* axis of both
 operands ([M, K] and [M, N] over the M rows). XLA:CPU hands YNNPACK only dots that contract a
-minor axis, so it runs these in Eigen, after a transposing copy of g: 210-290 GFLOP/s at the MLP's
-shapes on the 2-core dev CPU, against 310-400 GFLOP/s when x^T is materialised first and the dot
-is a plain [K, M] @ [M, N], copy included. Both gradients of a layer together, 8192 tokens
-(`python benchmarks/dense_dot.py`): 1.16x faster at 256x256, 1.19x at 256x1024, 1.39x at
-1024x256; the peer-size base train step 2.15 -> 2.09 s (with `activations.gelu`). An
-`optimization_barrier` on x^T keeps XLA's algebraic simplifier from folding that transpose back
-into the dot. The input gradient g w^T contracts the minor axis of both and stays as jax has it.
+minor axis, so it runs these in Eigen: 180-290 GFLOP/s at a train step's shapes on the 2-core dev
+CPU, against 400-450 for the same FLOPs as a plain [N, M] @ [M, K] dot. Here the weight gradient
+is (g^T x)^T: the cotangent is transposed into [N, M] first, and the small [N, K] product is
+transposed back. It transposes g rather than x because a layer's input is usually an elementwise
+expression (a LayerNorm or GELU output) that XLA fuses into the transposing copy, and its loop
+emitter runs a fused broadcast + transpose several times slower than a plain copy (60 vs 7 ms at
+[8192, 1024]); the cotangent is usually a dot's output, copied as it is. `optimization_barrier`s
+keep XLA's algebraic simplifier from folding either transpose back into the dot. The input
+gradient g w^T contracts the minor axis of both and stays as jax has it. Train steps
+(`python benchmarks/train_steps.py`, BENCHMARKS.md): base stage of the embedded default 146 ->
+131 ms, peer-size base 1.64 -> 1.51 s, against transposing x (and jax's rule after a GELU).
 
 Only on CPU, where the batch and feature axes flatten into one [M, K] @ [K, N]; elsewhere (and
 for batched dots) it is `lax.dot_general`, which TPUs and GPUs run natively in any orientation.
@@ -44,9 +48,10 @@ def _matmul_bwd(precision, accumulate, residuals, g):
     d_x = lax.dot_general(
         g, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=accumulate
     )
-    x_t = lax.optimization_barrier(x.T)  # Removed by XLA:CPU only after its simplifier ran.
-    d_w = lax.dot(x_t, g, precision=precision, preferred_element_type=accumulate)
-    return d_x.astype(x.dtype), d_w.astype(w.dtype)
+    # The barriers are removed by XLA:CPU only after its algebraic simplifier ran.
+    g_t = lax.optimization_barrier(g.T)
+    d_w_t = lax.dot(g_t, x, precision=precision, preferred_element_type=accumulate)
+    return d_x.astype(x.dtype), lax.optimization_barrier(d_w_t).T.astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -68,10 +73,8 @@ def _is_dense(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
 def dot_general(dtype: Any, transposed_weight_grad: bool = True) -> Callable:
     """A `dot_general` for Flax's Dense/DenseGeneral computing in `dtype`.
 
-    `transposed_weight_grad=False` keeps jax's weight gradient: for a layer whose input is an
-    elementwise function with constants (a GELU), XLA fuses that function into the transposing
-    copy, and its loop emitter runs a fused broadcast + transpose ~8x slower than the copy
-    (60 vs 7 ms at [8192, 1024]), more than the Eigen dot it replaces.
+    `transposed_weight_grad=False` keeps jax's weight gradient (the baseline of
+    `benchmarks/dense_dot.py`).
     """
 
     def dense_dot_general(

@@ -42,10 +42,10 @@ def dense_init() -> Callable:
     return nn.initializers.xavier_uniform()
 
 
-def dot_general(dtype: Dtype, transposed_weight_grad: bool = True) -> Callable:
-    """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s (see there for
-    `transposed_weight_grad`); bfloat16 accumulates in float32 (see `precision`)."""
-    return dense_dot.dot_general(dtype, transposed_weight_grad)
+def dot_general(dtype: Dtype) -> Callable:
+    """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s (its weight
+    gradient runs in YNNPACK on CPU); bfloat16 accumulates in float32 (see `precision`)."""
+    return dense_dot.dot_general(dtype)
 
 
 def conv_general_dilated(dtype: Dtype) -> Callable:
@@ -60,13 +60,12 @@ def dense(
     out_axis: str,
     dtype: Dtype,
     name: str | None = None,
-    transposed_weight_grad: bool = True,
 ) -> nn.Dense:
     """A Dense layer with logically partitioned kernel/bias and the dtype's dot (above)."""
     return nn.Dense(
         features,
         dtype=dtype,
-        dot_general=dot_general(dtype, transposed_weight_grad),
+        dot_general=dot_general(dtype),
         kernel_init=partitioned(dense_init(), in_axis, out_axis),
         bias_init=partitioned(nn.initializers.zeros, out_axis),
         name=name,
@@ -101,8 +100,7 @@ class MlpBlock(nn.Module):
         h = activations.gelu(h)
         h = constrain(h, "batch", "length", "mlp")
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        # XLA would fuse the GELU into the transposing copy (see `dense_dot`).
-        return dense(width, "mlp", "embed", self.dtype, "wo", transposed_weight_grad=False)(h)
+        return dense(width, "mlp", "embed", self.dtype, "wo")(h)
 
 
 class _HeadsProjection(nn.Module):

@@ -152,14 +152,13 @@ def _dense(
     init: Any,
     dtype: Dtype,
     name: str,
-    transposed_weight_grad: bool = True,
 ):
     return nn.Dense(
         features,
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
-        dot_general=dot_general(dtype, transposed_weight_grad),
+        dot_general=dot_general(dtype),
         kernel_init=partitioned(init, in_axis, out_axis),
         name=name,
     )
@@ -207,10 +206,7 @@ class GatedMlp(nn.Module):
         gate = nn.gelu(_dense(cfg.d_ff, "embed", "mlp", init, dtype, "wi_0")(x), approximate=True)
         h = gate * _dense(cfg.d_ff, "embed", "mlp", init, dtype, "wi_1")(x)
         h = constrain(h, "batch", "length", "mlp")
-        # GELU-fed: see `dense_dot.dot_general`.
-        return _dense(cfg.d_model, "mlp", "embed", init, dtype, "wo", transposed_weight_grad=False)(
-            h
-        )
+        return _dense(cfg.d_model, "mlp", "embed", init, dtype, "wo")(h)
 
 
 class EncoderLayer(nn.Module):
