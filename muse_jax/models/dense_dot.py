@@ -10,9 +10,10 @@ expression (a LayerNorm or GELU output) that XLA fuses into the transposing copy
 emitter runs a fused broadcast + transpose several times slower than a plain copy (60 vs 7 ms at
 [8192, 1024]); the cotangent is usually a dot's output, copied as it is. `optimization_barrier`s
 keep XLA's algebraic simplifier from folding either transpose back into the dot. The input
-gradient g w^T contracts the minor axis of both and stays as jax has it. Train steps
-(`python benchmarks/train_steps.py`, BENCHMARKS.md): base stage of the embedded default 146 ->
-131 ms, peer-size base 1.64 -> 1.51 s, against transposing x (and jax's rule after a GELU).
+gradient g w^T contracts the minor axis of both and stays as jax has it. Train steps, against
+transposing x (and jax's rule after a GELU), in an in-process A/B of the two compiled programs
+(BENCHMARKS.md, 2026-12-01): base stage of the embedded default 146 -> 131 ms, peer-size base
+1.64 -> 1.51 s.
 
 Only on CPU, where the batch and feature axes flatten into one [M, K] @ [K, N]; elsewhere (and
 for batched dots) it is `lax.dot_general`, which TPUs and GPUs run natively in any orientation.
