@@ -21,14 +21,13 @@ Guidance and negative prompts work in every mode: `--negative_prompt`,
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from muse_jax import cli
+from muse_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
@@ -68,7 +67,7 @@ def _open(path: str, what: str, mode: str):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
             return im.convert(mode)
     except FileNotFoundError:
         raise cli.UsageError(f"{what} file not found: {path!r}.") from None
@@ -192,19 +191,18 @@ def main(argv):
             feather=_FEATHER.value,
         )
     out = summaries.to_uint8(res.images)
-    os.makedirs(_OUT.value, exist_ok=True)
     for i, img in enumerate(out):
-        summaries.save_png(img, os.path.join(_OUT.value, f"edit_{i:03d}.png"))
-    summaries.save_png(image, os.path.join(_OUT.value, "input.png"))
+        storage.save_png(img, storage.join(_OUT.value, f"edit_{i:03d}.png"))
+    storage.save_png(image, storage.join(_OUT.value, "input.png"))
     # Mask panel: the token region the model re-drew (grey) and the pixel mask (white).
     tmask = res.token_masks[0][0]
     panel = editing.token_mask_to_pixels(tmask[None], stages[0].grid, size)[0]
     panel = (panel * 96 + (mask if mask is not None else 0) * 159).astype(np.uint8)
-    summaries.save_png(panel, os.path.join(_OUT.value, "mask.png"))
+    storage.save_png(panel, storage.join(_OUT.value, "mask.png"))
     row = np.concatenate([image[None], np.repeat(panel[None, ..., None], 3, -1), out])
-    summaries.save_png(
+    storage.save_png(
         summaries.upscale(summaries.grid(row, len(row)), max(1, 128 // size)),
-        os.path.join(_OUT.value, "grid.png"),
+        storage.join(_OUT.value, "grid.png"),
     )
     try:
         scores = alignment.score(out, [prompt] * n)
@@ -232,8 +230,7 @@ def main(argv):
         )
     if _MODE.value == "outpaint":
         record["pad"] = _PAD.value
-    with open(os.path.join(_OUT.value, "edit.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    storage.write_json(storage.join(_OUT.value, "edit.json"), record)
     print(f"wrote {n} {_MODE.value} edits and grid.png to {_OUT.value} (base step {step})")
     if scores:
         print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "count"))

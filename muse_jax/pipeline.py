@@ -13,14 +13,12 @@ summaries under `<workdir>/eval`. View with `tensorboard --logdir <workdir>`.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import flags
 from ml_collections import config_flags
 
-from muse_jax import cli
+from muse_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory.")
@@ -51,8 +49,7 @@ def main(argv):
     if cascade:
         report["decoder_psnr"] = reconstruction.decoder_psnr(config, workdir, max_images=500)
     report["wall_s"] = time.time() - t0
-    with open(os.path.join(workdir, "alignment.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(storage.join(workdir, "alignment.json"), report)
     print("[pipeline] text-alignment score (fraction of samples whose pixels show the attribute):")
     print(report_lib.table(report))
     if cascade:
@@ -61,7 +58,7 @@ def main(argv):
             f"[pipeline] high-res reconstruction PSNR on {d['num_images']} held-out images: "
             f"plain decoder {d['plain_db']:.2f} dB, fine-tuned decoder {d['finetuned_db']:.2f} dB"
         )
-    print(f"[pipeline] grids: {os.path.join(workdir, 'samples')}; tensorboard --logdir {workdir}")
+    print(f"[pipeline] grids: {storage.join(workdir, 'samples')}; tensorboard --logdir {workdir}")
     print(f"[pipeline] done in {report['wall_s'] / 60:.1f} min")
     return 0
 

@@ -16,13 +16,10 @@ alignment score). Sampler settings are config keys, one block per stage:
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import flags
 from ml_collections import config_flags
 
-from muse_jax import cli
+from muse_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
@@ -44,7 +41,7 @@ def _save_grid(images, path: str) -> None:
 
     columns = min(8, len(images))
     scale = max(1, 128 // images.shape[1])
-    summaries.save_png(summaries.upscale(summaries.grid(images, columns), scale), path)
+    storage.save_png(summaries.upscale(summaries.grid(images, columns), scale), path)
 
 
 def main(argv):
@@ -60,7 +57,6 @@ def main(argv):
             "--stages=cascade needs config.superres and config.data.hr_image_size > 0."
         )
     from muse_jax.eval import alignment_eval, report
-    from muse_jax.train import summaries
 
     try:
         sampler, params, steps, conditioner = report.load_sampler(
@@ -78,10 +74,9 @@ def main(argv):
         samples_per_prompt=_NUM.value,
         seed=_SEED.value,
     )
-    os.makedirs(_OUT.value, exist_ok=True)
     for i, image in enumerate(out.images):
-        summaries.save_png(image, os.path.join(_OUT.value, f"sample_{i:03d}.png"))
-    _save_grid(out.images, os.path.join(_OUT.value, "grid.png"))
+        storage.save_png(image, storage.join(_OUT.value, f"sample_{i:03d}.png"))
+    _save_grid(out.images, storage.join(_OUT.value, "grid.png"))
     record = {
         "prompt": prompt,
         "seed": _SEED.value,
@@ -93,10 +88,9 @@ def main(argv):
         "alignment": out.scores,
     }
     if out.lowres_images is not None:
-        _save_grid(out.lowres_images, os.path.join(_OUT.value, "grid_base.png"))
+        _save_grid(out.lowres_images, storage.join(_OUT.value, "grid_base.png"))
         record["base_alignment"] = out.lowres_scores
-    with open(os.path.join(_OUT.value, "samples.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    storage.write_json(storage.join(_OUT.value, "samples.json"), record)
     size = out.images.shape[1]
     print(
         f"wrote {len(out.images)} samples ({size}x{size}, {stages}) and grid.png to "

@@ -100,10 +100,14 @@ def test_chunks_give_every_sampler_call_one_shape(smoke_config):
 
 def test_finalized_steps_skip_a_save_in_progress(tmp_path):
     from muse_jax.train import checkpoints
+    from muse_jax.train.state import TrainState
 
     ckpt = checkpoints.Checkpointer(str(tmp_path), asynchronous=False)
     for step in (3, 6):
-        ckpt.save(step, {"w": np.ones(2, np.float32) * step})
+        w = np.ones(2, np.float32) * step
+        ckpt.save(
+            step, TrainState(step=np.int32(step), params={"w": w}, opt_state={}, rng=w, extra={})
+        )
     ckpt.close()
     os.makedirs(tmp_path / "9.orbax-checkpoint-tmp-1700000000")  # Being written.
     assert evaluator.finalized_steps(str(tmp_path)) == [3, 6]

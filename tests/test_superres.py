@@ -150,7 +150,7 @@ def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_deco
     recon = lambda m, p: np.asarray(m.apply({"params": p}, x)[0])
     plain = recon(stage.plain, frozen["plain"])
     np.testing.assert_allclose(
-        recon(stage.model, stage.finetuned_params(state, frozen)), plain, atol=1e-6
+        recon(stage.model, stage.finetuned_params(state.params, frozen)), plain, atol=1e-6
     )
 
     assert set(state.params) == {"decoder"}  # Encoder and codebook are not trainable state.
@@ -168,7 +168,8 @@ def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_deco
     # Same tokens in, so the plain and fine-tuned decoders see identical codes.
     ids = lambda m, p: np.asarray(m.apply({"params": p}, x, method=m.tokenize))
     np.testing.assert_array_equal(
-        ids(stage.model, stage.finetuned_params(state, frozen)), ids(stage.plain, frozen["plain"])
+        ids(stage.model, stage.finetuned_params(state.params, frozen)),
+        ids(stage.plain, frozen["plain"]),
     )
 
 
@@ -197,7 +198,7 @@ def test_new_stages_resume_exactly_where_they_stopped(trained_cascade, tmp_path,
     mesh, rules = parallel.create_mesh(config), parallel.rules(config)
     abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
     final = {
-        how: checkpoints.load_params(os.path.join(w, name), abstract, name)[0]
+        how: checkpoints.load_state(os.path.join(w, name), abstract, name)[0]
         for how, w in runs.items()
     }
     jax.tree.map(np.testing.assert_array_equal, final["resumed"].params, final["straight"].params)

@@ -97,7 +97,7 @@ def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
     stage = TokenizerStage(config, workdir)
     mesh, rules = parallel.create_mesh(config), parallel.rules(config)
     abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
-    restored, step = checkpoints.load_params(stage.stage_dir, abstract, "tokenizer")
+    restored, step = checkpoints.load_state(stage.stage_dir, abstract, "tokenizer")
     assert step == saved and int(restored.step) == saved
     logged = _read_scalars(stage.stage_dir, "train/param_norm")
     assert saved in logged
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, 
     stage = TokenizerStage(smoke_config, str(tmp_path))
     mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
     abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
-    restored, step = checkpoints.load_params(stage.stage_dir, abstract, "tokenizer")
+    restored, step = checkpoints.load_state(stage.stage_dir, abstract, "tokenizer")
     assert f"last good checkpoint is step {step}" in str(err.value)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
     failed_at = int(str(err.value).split("non-finite metrics at step ")[1].split(":")[0])
@@ -204,7 +204,7 @@ def test_resume_sees_the_batches_and_reaches_the_state_of_an_uninterrupted_run(
     mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
     abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
     params = [
-        checkpoints.load_params(os.path.join(w, "tokenizer"), abstract, "tokenizer")[0].params
+        checkpoints.load_state(os.path.join(w, "tokenizer"), abstract, "tokenizer")[0].params
         for w in (whole, parts)
     ]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
@@ -267,7 +267,7 @@ def test_steps_per_call_trains_exactly_as_one_step_per_call(smoke_config, tmp_pa
     mesh, rules = parallel.create_mesh(smoke_config), parallel.rules(smoke_config)
     abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
     params = [
-        checkpoints.load_params(os.path.join(runs[k], "tokenizer"), abstract, "tokenizer")[0]
+        checkpoints.load_state(os.path.join(runs[k], "tokenizer"), abstract, "tokenizer")[0]
         for k in (1, 4)
     ]
     assert int(params[0].step) == int(params[1].step) == 10

@@ -13,8 +13,6 @@ same step would otherwise mean two different image sets:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
+from muse_jax import storage
 from muse_jax.eval import metrics as metrics_lib
 
 Log = Callable[[str], None]
@@ -144,30 +143,25 @@ def captioned_grid(
 
 
 def run_dir(workdir: str, cascade: bool) -> str:
-    return os.path.join(workdir, "eval", "cascade" if cascade else "base")
+    return storage.join(workdir, "eval", "cascade" if cascade else "base")
 
 
 def _read_done(directory: str) -> dict[str, list[int]]:
-    path = os.path.join(directory, "evaluated.json")
-    if not os.path.exists(path):
+    path = storage.join(directory, "evaluated.json")
+    if not storage.exists(path):
         return {"evaluated": [], "skipped": []}
-    with open(path) as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def _write_json(path: str, obj) -> None:
     """Atomically, so a killed evaluator never leaves half a file for the next to trip on."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, obj)
 
 
 def _mark(directory: str, step: int, key: str = "evaluated") -> None:
     done = _read_done(directory)
     done[key] = sorted(set(done.get(key, [])) | {step})
-    _write_json(os.path.join(directory, "evaluated.json"), done)
+    _write_json(storage.join(directory, "evaluated.json"), done)
 
 
 class Evaluator:
@@ -272,7 +266,7 @@ class Evaluator:
             writer.write_texts(step, {"eval/captions": captions})
         writer.flush()
         writer.close()
-        _write_json(os.path.join(self.directory, f"metrics_{step}.json"), record)
+        _write_json(storage.join(self.directory, f"metrics_{step}.json"), record)
         _mark(self.directory, step)
 
     def watch(
@@ -288,7 +282,7 @@ class Evaluator:
         after `timeout_s` seconds without a new checkpoint."""
         from muse_jax.train import checkpoints
 
-        directory = checkpoints.checkpoint_dir(os.path.join(self.workdir, "base"))
+        directory = checkpoints.checkpoint_dir(storage.join(self.workdir, "base"))
         final = int(self.config.base.train.num_steps)
         done = _read_done(self.directory)
         finished = set(done["evaluated"]) | set(done.get("skipped", []))
@@ -325,6 +319,6 @@ class Evaluator:
 def finalized_steps(directory: str) -> list[int]:
     """Sorted steps of the complete checkpoints in an orbax directory. A save in progress is a
     temporary directory (renamed to `<step>` only when complete), so it is never listed."""
-    import orbax.checkpoint as ocp
+    from muse_jax.train import checkpoints
 
-    return sorted(ocp.path.step.checkpoint_steps(directory))
+    return checkpoints.finalized_steps(directory)

@@ -23,8 +23,8 @@ def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int =
     dec = DecoderStage(config, workdir)
     frozen = dec.frozen(mesh, axis_rules)
     abstract, _ = parallel.abstract_state(dec.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    state, step = checkpoints.load_params(dec.stage_dir, abstract, "decoder")
-    tuned_params = dec.finetuned_params(state, frozen)
+    trained, step = checkpoints.load_params(dec.stage_dir, abstract.params, "decoder")
+    tuned_params = dec.finetuned_params(trained, frozen)
     sq = {"plain": 0.0, "finetuned": 0.0}
     n = 0
     for batch in tasks.batches(

@@ -6,10 +6,9 @@ output (low-res) and the cascade's (high-res), so the two numbers compare like w
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
+
+from muse_jax import storage
 
 ATTRIBUTES = ("color", "shape", "size", "position", "all")
 
@@ -18,44 +17,14 @@ def load_sampler(config, workdir: str, cascade: bool, step: int | None = None):
     """(sampler, params, {stage: step}, conditioner) for the base stage or the cascade.
 
     `step` picks the base stage's checkpoint (default: its latest); the other stages use their
-    latest. A cascade at an older base step restores the base twice (once as the latest).
+    latest. Only parameters are read.
     """
     from muse_jax.train import base_stage, superres_stage
 
-    if step is not None:
-        base = _base_at_step(config, workdir, step)
-        if not cascade:
-            return base[0], base[1], {"base": step}, base[3]
-        sampler, params, steps, conditioner = superres_stage.load_cascade(config, workdir)
-        return sampler, {**params, "base": base[1]}, {**steps, "base": step}, conditioner
     if cascade:
-        return superres_stage.load_cascade(config, workdir)
-    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir)
+        return superres_stage.load_cascade(config, workdir, base_step=step)
+    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir, step)
     return sampler, params, {"base": step}, conditioner
-
-
-def _base_at_step(config, workdir: str, step: int):
-    """`base_stage.load_for_sampling` for a given (finalized) checkpoint step."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from muse_jax import parallel
-    from muse_jax.train import base_stage, checkpoints
-
-    base = base_stage.BaseStage(config, workdir)
-    mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)
-    directory = checkpoints.checkpoint_dir(base.stage_dir)
-    steps = sorted(ocp.path.step.checkpoint_steps(directory))  # Finalized ones only.
-    if step not in steps:
-        raise FileNotFoundError(f"No base checkpoint at step {step} in {directory} (has {steps}).")
-    abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    ckpt = checkpoints.Checkpointer(directory, asynchronous=False)
-    try:
-        state = ckpt.restore(abstract, step)
-    finally:
-        ckpt.close()
-    frozen = base.frozen(mesh, axis_rules)
-    return base.sampler, base.sampler_params(state, frozen), step, base.conditioner
 
 
 def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
@@ -68,7 +37,7 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
 
     sampler, params, steps, conditioner = load_sampler(config, workdir, cascade)
     step = steps["superres"] if cascade else steps["base"]
-    writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"), asynchronous=False)
+    writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
     report: dict = {"steps": steps, "sampling": config.sampling.to_dict(), "cascade": cascade}
     if cascade:
         report["superres_sampling"] = config.superres.sampling.to_dict()
@@ -98,7 +67,7 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
         for prefix, images in outputs.items():
             scale = max(1, 128 // images.shape[1])
             image = summaries.upscale(summaries.grid(images, columns=n), scale)
-            summaries.save_png(image, os.path.join(workdir, "samples", f"{prefix}{split}.png"))
+            storage.save_png(image, storage.join(workdir, "samples", f"{prefix}{split}.png"))
             writer.write_images(step, {f"samples/{prefix}{split}": image[None]})
         scored = {"": out.scores, "base_": out.lowres_scores or {}}
         for prefix, scores in scored.items():
@@ -128,8 +97,7 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
         np.stack(real), list(config.eval.seen_prompts)
     )
     writer.flush()
-    with open(os.path.join(workdir, "alignment.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(storage.join(workdir, "alignment.json"), report)
     return report
 
 

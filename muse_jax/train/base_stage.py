@@ -7,7 +7,6 @@ the same model serves as the unconditional branch of classifier-free guidance.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from muse_jax import parallel
+from muse_jax import parallel, storage
 from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
@@ -28,7 +27,7 @@ from muse_jax.train.state import TrainState
 
 
 def tokenizer_dir(config, workdir: str) -> str:
-    return os.path.join(config.tokenizer_workdir or workdir, "tokenizer")
+    return storage.join(config.tokenizer_workdir or workdir, "tokenizer")
 
 
 def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, int]:
@@ -39,16 +38,17 @@ def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, 
     return params["vq"], step
 
 
-def load_for_sampling(config, workdir: str):
-    """(sampler, params, step, conditioner) from the experiment's latest base and tokenizer
-    checkpoints (plus the frozen text encoder's weights when it runs in the graph)."""
+def load_for_sampling(config, workdir: str, step: int | None = None):
+    """(sampler, params, step, conditioner) from the experiment's base checkpoint at `step`
+    (default: the latest) and its tokenizer's latest (plus the frozen text encoder's weights when
+    it runs in the graph). Only parameters are read."""
     base = BaseStage(config, workdir)
     mesh = parallel.create_mesh(config)
     axis_rules = parallel.rules(config)
     abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    state, step = checkpoints.load_params(base.stage_dir, abstract, "base")
+    params, step = checkpoints.load_params(base.stage_dir, abstract.params, "base", step)
     frozen = base.frozen(mesh, axis_rules)
-    return base.sampler, base.sampler_params(state, frozen), step, base.conditioner
+    return base.sampler, base.sampler_params(params, frozen), step, base.conditioner
 
 
 @stage.register
@@ -232,11 +232,12 @@ class BaseStage(stage.Stage):
             step=state.step + 1, params=params, opt_state=opt_state, rng=rng
         ), metrics
 
-    def sampler_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
-        params = {"transformer": state.params["transformer"], "tokenizer": frozen["tokenizer"]}
+    def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
+        """What the sampler needs, from the trained parameters (`state.params`) and `frozen`."""
+        params = {"transformer": trained["transformer"], "tokenizer": frozen["tokenizer"]}
         if self.text_encoder is not None:
             params["text_encoder"] = (
-                state.params["text_encoder"] if self.text_trainable else frozen["text_encoder"]
+                trained["text_encoder"] if self.text_trainable else frozen["text_encoder"]
             )
         return params
 
@@ -248,7 +249,7 @@ class BaseStage(stage.Stage):
         result = alignment_eval.generate(
             self.config,
             self.sampler,
-            self.sampler_params(state, frozen),
+            self.sampler_params(state.params, frozen),
             self.conditioner,
             prompts,
             samples_per_prompt=4,

@@ -1,35 +1,140 @@
-"""orbax checkpointing: async saves, keep N, restore resharded onto the current mesh."""
+"""orbax checkpointing: async saves, keep N, restore resharded onto the current mesh.
+
+A step is saved as two orbax items: `params` (what sampling, evaluation and export need) and
+`train_state` (step, optimizer moments, rng, extras). Readers of a trained model restore the
+`params` item alone, so they never read the optimizer state (twice the parameters under AdamW)
+and a damaged optimizer state does not block generation. Checkpoints of the older one-item
+layout (`default`) are still read.
+
+Directories go through `muse_jax.storage`: a `gs://` workdir is written to the bucket, never to
+a local `gs:` folder.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+from muse_jax import storage
+from muse_jax.train.state import TrainState
+
+_PARAMS, _REST = "params", "train_state"
+_LEGACY = "default"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint in a directory was written by a model of another shape."""
+
+
+def _rest(state: Any) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "opt_state": state.opt_state,
+        "rng": state.rng,
+        "extra": state.extra,
+    }
 
 
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` holding one stage's train states."""
 
     def __init__(self, directory: str, *, keep: int = 2, asynchronous: bool = True):
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
-            ),
-        )
+        self.directory = storage.path(directory)
+        with storage.checked("opening checkpoints in", directory):
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+                ),
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    def save(self, step: int, state: TrainState) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _PARAMS: ocp.args.StandardSave(state.params),
+                    _REST: ocp.args.StandardSave(_rest(state)),
+                }
+            ),
+            force=True,
+        )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    def _is_legacy(self, step: int) -> bool:
+        return (self.directory / str(step) / _LEGACY).exists()
+
+    def _check_shapes(self, step: int, item: str, abstract: Any) -> None:
+        """One clear refusal when the checkpoint's arrays differ from the config's model."""
+        try:
+            meta = self.manager.item_metadata(step)[item]
+            tree = getattr(meta, "tree", meta)
+        except Exception:  # noqa: BLE001 -- no readable metadata: let the restore report it.
+            return
+        saved = {
+            jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(v, "shape")
+        }
+        wanted = {
+            jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(abstract)
+        }
+        if not saved or saved == wanted:
+            return
+        where = self.directory / str(step)
+        missing = sorted(set(wanted) - set(saved))
+        extra = sorted(set(saved) - set(wanted))
+        if missing or extra:
+            name = (missing or extra)[0]
+            detail = f"{name} is {'missing from' if missing else 'only in'} the checkpoint"
+        else:
+            name = next(k for k in sorted(wanted) if wanted[k] != saved[k])
+            detail = f"{name} has shape {saved[name]} there but {wanted[name]} in this config"
+        raise IncompatibleCheckpointError(
+            f"The checkpoint {where} was written by another model configuration ({item}{detail}; "
+            f"{len(missing)} missing, {len(extra)} extra arrays). Use a new workdir, or the "
+            "config that wrote it."
+        )
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
+        """The whole train state, restored onto the shardings carried by `abstract_state`
+        (ShapeDtypeStructs); a checkpoint written on another mesh is resharded."""
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        if self._is_legacy(step):
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        self._check_shapes(step, _PARAMS, abstract_state.params)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _PARAMS: ocp.args.StandardRestore(abstract_state.params),
+                    _REST: ocp.args.StandardRestore(_rest(abstract_state)),
+                }
+            ),
+        )
+        return TrainState(params=restored[_PARAMS], **restored[_REST])
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """The trained parameters alone: the optimizer state is neither read nor needed."""
+        step = self.latest_step() if step is None else step
+        if self._is_legacy(step):
+            item = {"params": abstract_params}
+            args = ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+            return self.manager.restore(step, args=args)["params"]
+        self._check_shapes(step, _PARAMS, abstract_params)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract_params)})
+        )
+        return restored[_PARAMS]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -40,26 +145,55 @@ class Checkpointer:
 
 
 def checkpoint_dir(stage_dir: str) -> str:
-    return os.path.join(stage_dir, "checkpoints")
+    return storage.join(stage_dir, "checkpoints")
 
 
-def load_params(stage_dir: str, abstract_state: Any, what: str) -> tuple[Any, int]:
-    """Restores the latest train state of another stage (e.g. the tokenizer for the base stage).
+def finalized_steps(directory: str) -> list[int]:
+    """The steps whose save completed (an interrupted async save is not one of them)."""
+    if not storage.isdir(directory):
+        return []
+    return sorted(ocp.path.step.checkpoint_steps(storage.path(directory)))
 
-    Raises:
-      FileNotFoundError: with one clear line when the stage has no checkpoint yet.
-    """
-    directory = checkpoint_dir(stage_dir)
-    if not os.path.isdir(directory):
+
+def _find_step(directory: str, what: str, step: int | None) -> int:
+    steps = finalized_steps(directory)
+    if not steps:
         raise FileNotFoundError(
-            f"No {what} checkpoint: {directory} does not exist. Train that stage first "
+            f"No {what} checkpoint in {directory}. Train that stage first "
             f"(python -m muse_jax.train --config.stage={what} ...) or point the config at it."
         )
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"No {what} checkpoint at step {step} in {directory} (has {steps})."
+        )
+    return steps[-1] if step is None else step
+
+
+def load_params(
+    stage_dir: str, abstract_params: Any, what: str, step: int | None = None
+) -> tuple[Any, int]:
+    """The parameters of a trained stage at `step` (default: its latest) and that step.
+
+    Only the `params` item is read. Raises FileNotFoundError with one clear line when the stage
+    has no checkpoint (or not that step); nothing is created on the way.
+    """
+    directory = checkpoint_dir(stage_dir)
+    step = _find_step(directory, what, step)
     ckpt = Checkpointer(directory, asynchronous=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"No {what} checkpoint in {directory}: the directory is empty.")
+        return ckpt.restore_params(abstract_params, step), step
+    finally:
+        ckpt.close()
+
+
+def load_state(
+    stage_dir: str, abstract_state: TrainState, what: str, step: int | None = None
+) -> tuple[TrainState, int]:
+    """The whole train state of a stage at `step` (default: its latest), optimizer included."""
+    directory = checkpoint_dir(stage_dir)
+    step = _find_step(directory, what, step)
+    ckpt = Checkpointer(directory, asynchronous=False)
+    try:
         return ckpt.restore(abstract_state, step), step
     finally:
         ckpt.close()

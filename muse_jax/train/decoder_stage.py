@@ -109,12 +109,13 @@ class DecoderStage(stage.Stage):
         )
         return ({"image": b["image_hr"]} for b in it)
 
-    def finetuned_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
-        """The full VQGAN (frozen encoder/codebook + trained decoder) the sampler decodes with."""
+    def finetuned_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
+        """The full VQGAN (frozen encoder/codebook + trained decoder) the sampler decodes with,
+        from the trained parameters (`state.params`)."""
         return {
             "encoder": frozen["encoder"],
             "quantizer": frozen["quantizer"],
-            "decoder": state.params["decoder"],
+            "decoder": trained["decoder"],
         }
 
     def train_step(
@@ -162,7 +163,9 @@ class DecoderStage(stage.Stage):
             self._eval_batch = next(it)["image_hr"]
         x = self._eval_batch
         plain = np.asarray(self.reconstruct(self.plain, frozen["plain"], x))
-        tuned = np.asarray(self.reconstruct(self.model, self.finetuned_params(state, frozen), x))
+        tuned = np.asarray(
+            self.reconstruct(self.model, self.finetuned_params(state.params, frozen), x)
+        )
         rows = [summaries.to_uint8(a[:16]) for a in (x, plain, tuned)]
         writer.write_images(
             step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]}

@@ -8,7 +8,6 @@ The trainer jits, shards, checkpoints, logs and handles preemption for all of th
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from muse_jax import storage
 from muse_jax.train.state import TrainState
 
 
@@ -25,7 +25,7 @@ class Stage(abc.ABC):
     def __init__(self, config, workdir: str):
         self.config = config
         self.workdir = workdir
-        self.stage_dir = os.path.join(workdir, self.name)
+        self.stage_dir = storage.join(workdir, self.name)
 
     @property
     def stage_config(self):
@@ -97,7 +97,8 @@ def get(name: str) -> type[Stage]:
 def load_trained(
     config, workdir: str, name: str, mesh, axis_rules, stage_dir: str | None = None
 ) -> tuple[Any, int]:
-    """The latest trained parameters of stage `name` (sharded by the rules) and their step.
+    """The latest trained parameters of stage `name` (sharded by the rules) and their step;
+    only the parameters are read, never the optimizer state.
 
     Raises FileNotFoundError with one clear line when that stage has no checkpoint.
     """
@@ -106,5 +107,4 @@ def load_trained(
 
     other = get(name)(config, workdir)
     abstract, _ = parallel.abstract_state(other.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    state, step = checkpoints.load_params(stage_dir or other.stage_dir, abstract, name)
-    return state.params, step
+    return checkpoints.load_params(stage_dir or other.stage_dir, abstract.params, name)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from PIL import Image
+
+from muse_jax import storage
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,8 +34,8 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
+    """A uint8 image as a PNG, local or remote (see `muse_jax.storage`)."""
+    storage.save_png(image, path)
 
 
 def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
@@ -44,12 +43,11 @@ def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
 
     CLU writes scalars as tensor summaries; both forms are read.
     """
-    import glob
-
     import tensorflow as tf
 
     out: dict[str, dict[int, float]] = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    names = [n for n in storage.listdir(logdir) if n.startswith("events.out.tfevents.")]
+    for path in (storage.join(logdir, n) for n in names):
         for event in tf.compat.v1.train.summary_iterator(path):
             for v in event.summary.value:
                 if v.HasField("tensor") and not v.tensor.string_val:

@@ -9,7 +9,6 @@ the base stage's configuration (a trainable tiny encoder gets its own weights he
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -22,7 +21,6 @@ from muse_jax.sampling.sampler import SuperResSampler
 from muse_jax.stages import has_cascade  # noqa: F401  (re-exported)
 from muse_jax.train import stage, summaries
 from muse_jax.train.base_stage import BaseStage
-from muse_jax.train.state import TrainState
 
 
 @stage.register
@@ -71,8 +69,8 @@ class SuperResStage(BaseStage):
         )
         return jax.lax.stop_gradient(high), {"lowres_tokens": jax.lax.stop_gradient(low)}
 
-    def sampler_params(self, state: TrainState, frozen: Any) -> dict[str, Any]:
-        params = super().sampler_params(state, frozen)
+    def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
+        params = super().sampler_params(trained, frozen)
         params["tokenizer"] = frozen["superres_tokenizer"]
         return params
 
@@ -102,7 +100,12 @@ class SuperResStage(BaseStage):
             k: np.repeat(v, len(captions), 0) for k, v in self.conditioner.encode([""]).items()
         }
         out = self.sampler(
-            self.sampler_params(state, frozen), cond, uncond, jax.random.PRNGKey(0), None, low
+            self.sampler_params(state.params, frozen),
+            cond,
+            uncond,
+            jax.random.PRNGKey(0),
+            None,
+            low,
         )
         images = summaries.to_uint8(np.asarray(out.images))
         scale = images.shape[1] // b["image"].shape[1]
@@ -120,7 +123,7 @@ class SuperResStage(BaseStage):
         return {f"eval/superres_alignment_{k}": v for k, v in scores.items() if k != "count"}
 
 
-def load_cascade(config, workdir: str):
+def load_cascade(config, workdir: str, base_step: int | None = None):
     """(CascadeSampler, params, {stage: checkpoint step}, conditioner) from the experiment's
     base, super-res and (when trained) fine-tuned decoder checkpoints."""
     from muse_jax import parallel
@@ -129,21 +132,25 @@ def load_cascade(config, workdir: str):
     from muse_jax.train.base_stage import load_for_sampling
     from muse_jax.train.decoder_stage import DecoderStage
 
-    base_sampler, base_params, base_step, conditioner = load_for_sampling(config, workdir)
+    base_sampler, base_params, base_step, conditioner = load_for_sampling(
+        config, workdir, base_step
+    )
     mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)
     sr = SuperResStage(config, workdir)
     abstract, _ = parallel.abstract_state(sr.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    state, sr_step = checkpoints.load_params(sr.stage_dir, abstract, "superres")
+    trained, sr_step = checkpoints.load_params(sr.stage_dir, abstract.params, "superres")
     frozen = sr.frozen(mesh, axis_rules)
-    sr_params = sr.sampler_params(state, frozen)
+    sr_params = sr.sampler_params(trained, frozen)
     steps = {"base": base_step, "superres": sr_step, "decoder": None}
     decoder = sr.hr_tokenizer
     dec = DecoderStage(config, workdir)
-    if os.path.isdir(checkpoints.checkpoint_dir(dec.stage_dir)):
+    if checkpoints.finalized_steps(checkpoints.checkpoint_dir(dec.stage_dir)):
         abstract, _ = parallel.abstract_state(dec.init, jax.random.PRNGKey(0), mesh, axis_rules)
-        dec_state, steps["decoder"] = checkpoints.load_params(dec.stage_dir, abstract, "decoder")
+        dec_params, steps["decoder"] = checkpoints.load_params(
+            dec.stage_dir, abstract.params, "decoder"
+        )
         sr_params["tokenizer"] = dec.finetuned_params(
-            dec_state,
+            dec_params,
             {
                 "encoder": frozen["superres_tokenizer"]["encoder"],
                 "quantizer": frozen["superres_tokenizer"]["quantizer"],

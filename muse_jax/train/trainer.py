@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from muse_jax import parallel
+from muse_jax import parallel, storage
 from muse_jax.train import checkpoints
 from muse_jax.train import stage as stage_lib
 
@@ -69,7 +69,9 @@ def _format_eta(seconds: float) -> str:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress lines come from process 0 only: a pod's hosts would print each line N times."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
 
 
 def _is_finite(metrics: dict[str, float]) -> bool:
@@ -77,9 +79,11 @@ def _is_finite(metrics: dict[str, float]) -> bool:
 
 
 def save_config(config, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    """The run's config beside its checkpoints (process 0 writes; every host sees one file)."""
+    if jax.process_index() == 0:
+        storage.write_text(
+            storage.join(directory, "config.json"), config.to_json_best_effort(indent=2)
+        )
 
 
 def steps_per_call_of(train_config) -> int:
@@ -136,7 +140,7 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     stage = stage_lib.get(stage_name or config.stage)(config, workdir)
     tc = stage.train_config
     steps_per_call = steps_per_call_of(tc)  # A bad value fails before any data or jit work.
-    os.makedirs(stage.stage_dir, exist_ok=True)
+    storage.makedirs(stage.stage_dir)
     save_config(config, stage.stage_dir)
     data_stats = stage.data_stats()  # Builds the data first: a bad source fails before any jit.
 
