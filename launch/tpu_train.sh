@@ -12,7 +12,8 @@ usage() {
 Usage: launch/tpu_train.sh --config=CONFIG --workdir=gs://BUCKET/DIR [options] [--config.a.b=VALUE ...]
 
 Trains one or more stages of muse_jax on a Cloud TPU VM slice with gcloud:
-  1. reuses the slice NAME if `gcloud compute tpus tpu-vm describe` finds it, else creates it;
+  1. reuses the slice NAME if `gcloud compute tpus tpu-vm describe` finds it, else creates it
+     (a PREEMPTED or TERMINATED slice is deleted and created again);
   2. installs the package on every worker: copies this checkout (or `git clone`s --repo) into
      ~/REMOTE_DIR and runs `pip install -e . 'jax[tpu]'` in the venv ~/muse_venv;
   3. runs `python -m muse_jax.train --config=CONFIG --workdir=WORKDIR [--config.stage=STAGE]
@@ -46,6 +47,10 @@ Options (`--flag=value` or `--flag value`):
   --skip-install           reuse the code and venv already on the workers
   --log-dir=DIR            also append each run's output to DIR/<run>.log here
   --delete-after           delete the slice when every run succeeded
+  --restarts=N             when a command fails (a Spot slice was preempted, a worker rebooted),
+                           start again from step 1 up to N times, 60 s apart: the slice is
+                           recreated if needed and every stage resumes from its last checkpoint
+                           in WORKDIR (a finished stage returns at once). Default: 0
   --dry-run                print every command, one per line, shell-quoted; run nothing
   -h, --help               this help
   --config.a.b=VALUE       config overrides, passed to every run (sweep points come after them)
@@ -81,6 +86,7 @@ SKIP_INSTALL=0
 LOG_DIR=""
 DELETE_AFTER=0
 DRY_RUN=0
+RESTARTS=0
 OVERRIDES=()
 
 while (($#)); do
@@ -118,7 +124,7 @@ while (($#)); do
             OVERRIDES+=("$key=$value")
             ;;
         --name | --zone | --accelerator-type | --version | --project | --config | --workdir | \
-            --stage | --sweep | --repo | --ref | --remote-dir | --remote-python | --log-dir)
+            --stage | --sweep | --repo | --ref | --remote-dir | --remote-python | --log-dir | --restarts)
             if ((!has_value)); then
                 (($#)) || die "$key needs a value"
                 value="$1"
@@ -140,6 +146,7 @@ while (($#)); do
                 --remote-dir) REMOTE_DIR="$value" ;;
                 --remote-python) REMOTE_PYTHON="$value" ;;
                 --log-dir) LOG_DIR="$value" ;;
+                --restarts) RESTARTS="$value" ;;
             esac
             ;;
         *) die "unknown argument '$arg' (see launch/tpu_train.sh --help)" ;;
@@ -147,6 +154,7 @@ while (($#)); do
 done
 
 [[ -n "$CONFIG" ]] || die "--config is required (see --help)"
+[[ "$RESTARTS" =~ ^[0-9]+$ ]] || die "--restarts must be a whole number, got '$RESTARTS'"
 [[ -n "$WORKDIR" ]] || die "--workdir is required (see --help)"
 [[ "$WORKDIR" == gs://* ]] || die "--workdir must be a gs:// path that every TPU worker can reach, got '$WORKDIR'"
 [[ -z "$SWEEP" || -n "$STAGES" ]] || die "--sweep needs --stage (base-only sweeps share WORKDIR's tokenizer)"
@@ -182,7 +190,8 @@ tpu=(gcloud compute tpus tpu-vm)
 # 1. The slice.
 create=("${tpu[@]}" create "$NAME" "${gcloud_common[@]}" --accelerator-type="$ACCELERATOR_TYPE" --version="$VERSION")
 ((SPOT)) && create+=(--spot)
-add "$(qjoin "${tpu[@]}" describe "$NAME" "${gcloud_common[@]}") >/dev/null 2>&1 || $(qjoin "${create[@]}")"
+delete=("${tpu[@]}" delete "$NAME" "${gcloud_common[@]}" --quiet)
+add "state=\"\$($(qjoin "${tpu[@]}" describe "$NAME" "${gcloud_common[@]}" --format='value(state)') 2>/dev/null)\" || $(qjoin "${create[@]}"); case \"\$state\" in PREEMPTED | TERMINATED) $(qjoin "${delete[@]}") && $(qjoin "${create[@]}") ;; esac"
 
 # 2. The code and its environment on every worker.
 remote_home_dir="\"\$HOME\"/$(q "$REMOTE_DIR")"
@@ -232,7 +241,20 @@ fi
 
 command -v gcloud >/dev/null 2>&1 ||
     die "gcloud not found on PATH: install the Google Cloud SDK (https://cloud.google.com/sdk/docs/install), or use --dry-run"
-for line in "${LINES[@]}"; do
-    echo "+ $line" >&2
-    bash -o pipefail -c "$line"
+attempt=0
+while :; do
+    failed=0
+    for line in "${LINES[@]}"; do
+        echo "+ $line" >&2
+        bash -o pipefail -c "$line" || {
+            failed=$?
+            break
+        }
+    done
+    ((failed)) || exit 0
+    ((attempt < RESTARTS)) || exit "$failed"
+    attempt=$((attempt + 1))
+    delay="${MUSE_RESTART_DELAY_S:-60}"
+    echo "tpu_train.sh: a command failed (exit $failed); restart $attempt of $RESTARTS in ${delay} s" >&2
+    sleep "$delay"
 done

@@ -155,6 +155,23 @@ def save_png(image: Any, p: PathLike) -> None:
     write_bytes(p, buffer.getvalue())
 
 
+def kvstore_spec(p: PathLike, *, directory: bool = False) -> dict[str, str]:
+    """A TensorStore kvstore for `p`: `gcs` for gs://bucket/key, `file` for a local path.
+
+    `directory` appends the "/" TensorStore expects of a key prefix that names a folder.
+    """
+    s = os.fspath(path(p)).rstrip("/")
+    suffix = "/" if directory else ""
+    if s.startswith("gs://"):
+        bucket, _, key = s[len("gs://") :].partition("/")
+        return {"driver": "gcs", "bucket": bucket, "path": key + suffix if key else ""}
+    if is_remote(s):
+        raise StorageError(
+            f"TensorStore cannot open {s}: only local and gs:// paths are supported."
+        )
+    return {"driver": "file", "path": s + suffix}
+
+
 def remove_tree(p: PathLike) -> None:
     with checked("removing", p):
         d = path(p)

@@ -68,10 +68,13 @@ def test_tpu_dry_run_commands():
         "a blue 'square'",
     )
     create, tar, scp, install, tok, base = lines
-    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
+    describe = shlex.split(create[0].split("$(", 1)[1])
+    assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
     assert "||" in create
     rest = create[create.index("||") + 1 :]
     assert rest[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu"]
+    delete = create[create.index("TERMINATED)") + 1 :]
+    assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu"]
     for flag in ("--zone=us-east5-a", "--accelerator-type=v5litepod-16"):
         assert flag in rest
     assert "--version=v2-alpha-tpuv5-lite" in rest
@@ -149,12 +152,65 @@ def test_tpu_dry_run_sweep():
         ([f"--config={CONFIG}", "--workdir=gs://b/w", "--bogus"], "unknown argument '--bogus'"),
         ([f"--config={CONFIG}", "--workdir=gs://b/w", "--stage=vq"], "--stage must be"),
         ([f"--config={CONFIG}", "--workdir=gs://b/w", f"--sweep={EXAMPLE_SWEEP}"], "needs --stage"),
+        ([f"--config={CONFIG}", "--workdir=gs://b/w", "--restarts=-1"], "--restarts must be"),
     ],
 )
 def test_tpu_usage_errors(args, message):
     r = _run(TPU, "--dry-run", *args)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and message in r.stderr
+
+
+_FAKE_GCLOUD = """#!/usr/bin/env bash
+# Records each call; the slice is PREEMPTED after the first training command, which fails.
+echo "$*" >> "$FAKE_DIR/calls"
+case "$*" in
+    *describe*) cat "$FAKE_DIR/state" 2>/dev/null || exit 1 ;;
+    *create*) echo READY > "$FAKE_DIR/state" ;;
+    *delete*) rm -f "$FAKE_DIR/state" ;;
+    *muse_jax.train*)
+        if [ ! -e "$FAKE_DIR/preempted" ]; then
+            touch "$FAKE_DIR/preempted"; echo PREEMPTED > "$FAKE_DIR/state"; exit 255
+        fi ;;
+esac
+"""
+
+
+def _fake_gcloud(tmp_path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_DIR": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "MUSE_RESTART_DELAY_S": "0",
+    }
+
+
+def _calls(tmp_path) -> list[str]:
+    return [c.split()[3] for c in (tmp_path / "calls").read_text().splitlines()]
+
+
+def test_tpu_restarts_recreate_a_preempted_slice_and_rerun(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, **_fake_gcloud(tmp_path))
+    args = ["bash", TPU, f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t", "--restarts=1"]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "restart 1 of 1" in r.stderr
+    # First attempt: create, copy, install, train (fails: preempted). Second: the preempted
+    # slice is deleted and created again, the code reinstalled, and training rerun.
+    first = ["describe", "create", "scp", "ssh", "ssh"]
+    assert _calls(tmp_path) == first + ["describe", "delete", "create", "scp", "ssh", "ssh"]
+
+
+def test_tpu_without_restarts_fails_with_the_commands_code(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, **_fake_gcloud(tmp_path))
+    args = ["bash", TPU, f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t"]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 255 and "restart 1" not in r.stderr
+    assert _calls(tmp_path) == ["describe", "create", "scp", "ssh", "ssh"]
 
 
 def test_tpu_without_gcloud_fails_in_one_line(tmp_path):

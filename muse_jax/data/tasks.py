@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,6 +24,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from muse_jax import storage
 from muse_jax.data import image_text_tfds, ordering, preprocessing, shapes_tfds, vocabulary
 
 # tf.data must not grab the cores the JAX step runs on, nor the accelerator.
@@ -46,7 +46,7 @@ _SOURCE_DEFAULTS = dict(
 
 
 def data_dir(config, workdir: str) -> str:
-    return config.data.data_dir or os.path.join(workdir, "data")
+    return config.data.data_dir or storage.join(workdir, "data")
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -85,7 +85,7 @@ def _built(make, build) -> tfds.core.DatasetBuilder:
 def _shapes_builder(config, data_root: str) -> tfds.core.DatasetBuilder:
     d = config.data
     return shapes_tfds.make_builder(
-        os.path.join(data_root, "tfds"),
+        storage.join(data_root, "tfds"),
         image_size=d.image_size,
         num_train=d.num_train,
         num_test=d.num_test,
@@ -150,7 +150,7 @@ def _sources(config, data_root: str) -> list[Source]:
         )
         builder = _built(
             functools.partial(
-                image_text_tfds.make_builder, os.path.join(data_root, "tfds"), params
+                image_text_tfds.make_builder, storage.join(data_root, "tfds"), params
             ),
             functools.partial(image_text_tfds.prepare, build_workers=workers),
         )

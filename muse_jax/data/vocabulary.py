@@ -7,13 +7,12 @@ unk 2) from captions it generates, so nothing is downloaded and every word is on
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import sentencepiece as spm
 import seqio
-from etils import epath
 
+from muse_jax import storage
 from muse_jax.data import shapes
 
 
@@ -27,10 +26,8 @@ def _training_captions(num: int = 4000, seed: int = 0) -> list[str]:
 
 def train_shapes_vocabulary(path: str) -> str:
     """Trains (once) a word-level SentencePiece model covering the grammar; returns its path."""
-    path = epath.Path(path)
-    if path.exists():
-        return os.fspath(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.exists(path):
+        return path
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_training_captions()),
@@ -45,12 +42,10 @@ def train_shapes_vocabulary(path: str) -> str:
         num_threads=1,
         minloglevel=2,
     )
-    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
-    tmp.write_bytes(model.getvalue())
     # Atomic: a concurrent or interrupted run never sees half a model; concurrent writers (hosts
-    # of a pod) produce identical files, so the last replace wins harmlessly.
-    tmp.replace(path)
-    return os.fspath(path)
+    # of a pod) produce identical files, so the last one wins harmlessly.
+    storage.write_bytes(path, model.getvalue())
+    return path
 
 
 def get_vocabulary(config, data_dir: str) -> seqio.Vocabulary:
@@ -58,11 +53,11 @@ def get_vocabulary(config, data_dir: str) -> seqio.Vocabulary:
     name = config.data.get("vocabulary", "shapes")
     if name == "shapes":
         return seqio.SentencePieceVocabulary(
-            train_shapes_vocabulary(os.path.join(data_dir, "shapes_words.model"))
+            train_shapes_vocabulary(storage.join(data_dir, "shapes_words.model"))
         )
     if name == "byte":
         return seqio.ByteVocabulary()
-    if not os.path.exists(name):
+    if not storage.exists(name):
         raise FileNotFoundError(
             f"config.data.vocabulary={name!r} is neither 'shapes', 'byte' nor an existing "
             "SentencePiece .model file."

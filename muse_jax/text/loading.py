@@ -3,18 +3,18 @@ tensorstore or orbax) and transformers-style safetensors directories. Nothing is
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from muse_jax import storage
+
 
 def is_safetensors_dir(path: str) -> bool:
-    return os.path.isdir(path) and bool(
-        glob.glob(os.path.join(path, "*.safetensors"))
-        or os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    return storage.isdir(path) and any(
+        n.endswith(".safetensors") or n == "model.safetensors.index.json"
+        for n in storage.listdir(path)
     )
 
 
@@ -25,9 +25,15 @@ def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
             "config.base.text_encoder.checkpoint is empty: point it at a T5X checkpoint directory "
             "or a safetensors directory (config.json + model.safetensors)."
         )
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"Text encoder checkpoint {path} does not exist.")
     if is_safetensors_dir(path):
+        if storage.is_remote(path):
+            raise ValueError(
+                f"Text encoder checkpoint {path}: safetensors are memory-mapped, so they must be "
+                "on local disk (copy the directory to each host); T5X checkpoints are read from "
+                "gs:// directly."
+            )
         from muse_jax.text import safetensors_t5
 
         params = safetensors_t5.load_encoder_params(path, t5_config)

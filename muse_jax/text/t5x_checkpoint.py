@@ -8,7 +8,8 @@ checkpoints. T5X has written two on-disk formats over time, both handled here wi
   were partitioned are replaced by the JSON of a TensorStore ``zarr`` spec whose kvstore path is
   relative to the step directory (``target.encoder.layers_0.attention.query.kernel/``, the key
   path joined with dots); unpartitioned leaves are inline numpy arrays. The kvstore driver may be
-  ``file``, ``gfile`` or ``gcs``; like T5X, all are read from the local step directory. Very early
+  ``file``, ``gfile`` or ``gcs``; like T5X, all are read relative to the step directory, which
+  may itself be local or on ``gs://`` (read through ``muse_jax.storage``). Very early
   Orbax checkpoints used the same layout with ``'PLACEHOLDER://<name>'`` strings instead of specs
   (seen in T5X's ``testdata/tiny_orbax``); those are read from the ``<name>`` zarr directory.
 * ``orbax`` (``t5x.checkpoints.OrbaxCheckpointManagerInterface``): ``checkpoint_<step>/state/`` is
@@ -30,13 +31,17 @@ import copy
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
+from etils import epath
 from flax import serialization
+
+from muse_jax import storage
+
+Path = epath.Path
 
 LEGACY = "t5x_legacy"
 ORBAX = "orbax"
@@ -118,7 +123,7 @@ def _format_of(step_dir: Path) -> str | None:
 
 
 def _resolve_step_dir(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
+    p = storage.path(path)
     if not p.exists():
         raise FileNotFoundError(f"T5X checkpoint path does not exist: {p}")
     if p.is_file():
@@ -216,7 +221,7 @@ def _open_array(value: Any, step_dir: Path, key: tuple[str, ...]) -> ts.Future:
     if isinstance(value, str):
         array_dir = step_dir / value[len(_PLACEHOLDER) :]
         _require_zarray(array_dir, key)
-        return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(array_dir)}})
+        return ts.open({"driver": "zarr", "kvstore": storage.kvstore_spec(array_dir)})
     spec = copy.deepcopy(dict(value))
     kvstore = dict(spec.get("kvstore") or {})
     if kvstore.get("driver", "file") not in _LOCAL_KVSTORE_DRIVERS:
@@ -224,7 +229,7 @@ def _open_array(value: Any, step_dir: Path, key: tuple[str, ...]) -> ts.Future:
     # tensorstore<0.1.14 specs kept the path at top level; newer ones inside the kvstore.
     relative = os.path.join(kvstore.get("path", ""), spec.pop("path", ""))
     array_dir = step_dir / relative
-    spec["kvstore"] = {"driver": "file", "path": str(array_dir) + "/"}
+    spec["kvstore"] = storage.kvstore_spec(array_dir, directory=True)
     metadata = dict(spec.get("metadata") or {})
     if spec.get("dtype") == "uint16" or metadata.get("dtype") == "<u2":
         # Version-2 T5X checkpoints stored bfloat16 as uint16; T5X itself refuses these.
