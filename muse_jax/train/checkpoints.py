@@ -48,7 +48,19 @@ class Checkpointer:
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
                 ),
+                item_handlers={
+                    _PARAMS: ocp.StandardCheckpointHandler(),
+                    _REST: ocp.StandardCheckpointHandler(),
+                },
             )
+
+    def _restore_legacy(self, step: int, args: Any) -> Any:
+        """A step of the older one-item layout, through a manager of that layout."""
+        manager = ocp.CheckpointManager(self.directory)
+        try:
+            return manager.restore(step, args=args)
+        finally:
+            manager.close()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -106,7 +118,7 @@ class Checkpointer:
         (ShapeDtypeStructs); a checkpoint written on another mesh is resharded."""
         step = self.latest_step() if step is None else step
         if self._is_legacy(step):
-            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            return self._restore_legacy(step, ocp.args.StandardRestore(abstract_state))
         self._check_shapes(step, _PARAMS, abstract_state.params)
         restored = self.manager.restore(
             step,
@@ -129,7 +141,7 @@ class Checkpointer:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                 partial_restore=True,
             )
-            return self.manager.restore(step, args=args)["params"]
+            return self._restore_legacy(step, args)["params"]
         self._check_shapes(step, _PARAMS, abstract_params)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract_params)})

@@ -1,0 +1,86 @@
+"""Checkpoint layout: readers of a trained model restore parameters only, and a workdir written
+by another model configuration is refused in one line."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from muse_jax.eval import alignment_eval, report
+from muse_jax.train import checkpoints, trainer
+
+PROMPTS = ["a large red circle on the left", "a small blue square"]
+
+
+def _images(config, workdir: str, cascade: bool) -> np.ndarray:
+    sampler, params, _, conditioner = report.load_sampler(config, workdir, cascade)
+    out = alignment_eval.generate(
+        config, sampler, params, conditioner, PROMPTS, samples_per_prompt=1, seed=3
+    )
+    return out.images
+
+
+@pytest.mark.slow
+def test_sampling_reads_parameters_only(trained_cascade, tmp_path):
+    """With every optimizer state deleted, the cascade samples exactly as before."""
+    config, source = trained_cascade
+    workdir = str(tmp_path / "params_only")
+    shutil.copytree(source, workdir)
+    removed = glob.glob(os.path.join(workdir, "*", "checkpoints", "*", "train_state"))
+    stages = {p.split(os.sep)[-4] for p in removed}
+    assert stages == {"tokenizer", "base", "superres_tokenizer", "superres", "decoder"}
+    for path in removed:
+        shutil.rmtree(path)
+    np.testing.assert_array_equal(
+        _images(config, workdir, cascade=True), _images(config, source, cascade=True)
+    )
+    # Training does need the optimizer state: resuming says which checkpoint is damaged.
+    with pytest.raises(Exception, match="train_state|No such file|not found"):
+        trainer.train(config, workdir, "base")
+
+
+@pytest.mark.slow
+def test_a_workdir_of_another_model_is_refused_in_one_line(trained_smoke, tmp_path):
+    config, source = trained_smoke
+    workdir = str(tmp_path / "other")
+    shutil.copytree(source, workdir)
+    other = config.copy_and_resolve_references()
+    other.base.model.mlp_dim = 2 * other.base.model.mlp_dim
+    with pytest.raises(checkpoints.IncompatibleCheckpointError) as err:
+        report.load_sampler(other, workdir, cascade=False)
+    message = str(err.value)
+    assert "\n" not in message and "another model configuration" in message
+    assert os.path.join(workdir, "base", "checkpoints") in message and "shape" in message
+    with pytest.raises(checkpoints.IncompatibleCheckpointError):
+        trainer.train(other, workdir, "base")  # Resuming is refused the same way.
+
+
+def test_legacy_single_item_checkpoints_still_restore(tmp_path):
+    """Checkpoints written before the params/train_state split (one `default` item)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from muse_jax.train.state import TrainState
+
+    state = TrainState(
+        step=np.int32(7),
+        params={"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+        opt_state={"mu": np.ones((2, 3), np.float32)},
+        rng=np.zeros(2, np.uint32),
+        extra={},
+    )
+    directory = str(tmp_path / "stage" / "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(7, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    manager.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+    params, step = checkpoints.load_params(str(tmp_path / "stage"), abstract.params, "stage")
+    assert step == 7
+    np.testing.assert_array_equal(params["w"], state.params["w"])
+    restored, _ = checkpoints.load_state(str(tmp_path / "stage"), abstract, "stage")
+    np.testing.assert_array_equal(restored.opt_state["mu"], state.opt_state["mu"])
