@@ -11,6 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from muse_jax.storage import StorageError  # noqa: E402
+
 
 class UsageError(Exception):
     """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
@@ -28,6 +30,15 @@ def require_positive(flag: str, value: int) -> int:
     if value < 1:
         raise UsageError(f"--{flag} must be >= 1, got {value}.")
     return value
+
+
+def check_reachable(*paths: str | None) -> None:
+    """Fails in one line, before any work, when a gs:// path's bucket cannot be reached."""
+    from muse_jax import storage
+
+    for path in paths:
+        if path:
+            storage.check_reachable(path, "using")
 
 
 def check_no_extra_args(argv: list[str]) -> None:
@@ -70,7 +81,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         logging.set_verbosity(logging.ERROR)
         try:
             return main(argv)
-        except (UsageError, FileNotFoundError, ValueError) as e:
+        except (UsageError, FileNotFoundError, ValueError, StorageError) as e:
             sys.stderr.write(f"error: {e}\n")
             return 2
         except OSError as e:  # config_flags defers a config file's load error to first use.

@@ -134,6 +134,7 @@ def main(argv):
     cli.check_no_extra_args(argv)
     prompt = cli.require_prompt(_PROMPT.value)
     cli.require_positive("num_samples", _NUM.value)
+    cli.check_reachable(_WORKDIR.value, _OUT.value)
     config = _CONFIG.value
     from muse_jax.stages import has_cascade
 

@@ -63,6 +63,7 @@ def main(argv):
     cli.check_no_extra_args(argv)
     if _WATCH.value and _STEP.value is not None:
         raise cli.UsageError("--step and --watch exclude each other.")
+    cli.check_reachable(_WORKDIR.value)
     from muse_jax.eval import evaluator
     from muse_jax.train import superres_stage
 

@@ -30,6 +30,7 @@ def main(argv):
 
     t0 = time.time()
     config, workdir = _CONFIG.value, _WORKDIR.value
+    cli.check_reachable(workdir)
     from muse_jax import stages
 
     cascade = stages.has_cascade(config)

@@ -12,6 +12,7 @@ naming the path and the operation, not as a client library's traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -68,6 +69,40 @@ def checked(operation: str, p: PathLike) -> Iterator[None]:
         if not is_remote(p) and not isinstance(e, OSError):
             raise
         raise StorageError(f"{operation} {os.fspath(p)} failed: {_one_line(e)}") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_exists(bucket: str) -> bool | None:
+    """True/False, or None when these credentials may not look the bucket up (403)."""
+    from google.api_core import exceptions
+    from google.cloud import storage as gcs
+
+    client = gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or "_")
+    try:
+        return client.bucket(bucket).exists(timeout=30, retry=None)
+    except exceptions.Forbidden:
+        return None
+
+
+def check_reachable(p: PathLike, operation: str) -> None:
+    """Fails fast, in one line, when a gs:// path's bucket cannot be reached (no credentials, no
+    such bucket, no network), before a command does any work or writes anything. Local paths
+    and other schemes pass through (their first real operation reports)."""
+    s = os.fspath(p)
+    if not s.startswith("gs://"):
+        return
+    bucket = s[len("gs://") :].split("/", 1)[0]
+    try:
+        found = _bucket_exists(bucket)
+    except Exception as e:  # noqa: BLE001 -- google.auth, api_core, requests: one line each.
+        raise StorageError(
+            f"{operation} {s} failed: cannot reach gs://{bucket}: {_one_line(e)}"
+        ) from e
+    if found is False:
+        raise StorageError(
+            f"{operation} {s} failed: bucket gs://{bucket} does not exist (or is not visible to "
+            "these credentials)."
+        )
 
 
 def exists(p: PathLike) -> bool:

@@ -126,3 +126,34 @@ def test_smoke_pipeline_on_a_gs_workdir(tmp_path):
     assert any(o.startswith("run/data/tfds/") for o in objects)
     for where in (ROOT, str(tmp_path), os.getcwd()):
         assert not os.path.exists(os.path.join(where, "gs:")), where
+
+
+@pytest.mark.slow
+def test_an_unreachable_bucket_is_one_line_and_writes_nothing(tmp_path):
+    with gcs_emulator() as gcs:
+        env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT)
+        run = "gs://no-such-bucket/run"
+        out = str(tmp_path / "out")
+        commands = [
+            _train(env, run, "tokenizer"),
+            ["-m", "muse_jax.sample", f"--config={CONFIG}", f"--workdir={run}"]
+            + ["--prompt=a red circle", "--stages=base", f"--output_dir={out}"],
+            ["-m", "muse_jax.evaluate", f"--config={CONFIG}", f"--workdir={run}"],
+        ]
+        for args in commands:
+            proc = subprocess.run(
+                [sys.executable, *args],
+                cwd=str(tmp_path),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert errors == [
+                f"error: using {run} failed: bucket gs://no-such-bucket does not exist "
+                "(or is not visible to these credentials)."
+            ]
+        assert gcs.list() == []
+    assert os.listdir(tmp_path) == []

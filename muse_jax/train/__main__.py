@@ -20,6 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (one per e
 
 def main(argv):
     cli.check_no_extra_args(argv)
+    cli.check_reachable(_WORKDIR.value)
     return trainer.main_train(_CONFIG.value, _WORKDIR.value)
 
 
