@@ -115,6 +115,17 @@ def isdir(p: PathLike) -> bool:
         return path(p).is_dir()
 
 
+def isfile(p: PathLike) -> bool:
+    with checked("checking", p):
+        return path(p).is_file()
+
+
+def size(p: PathLike) -> int:
+    """Bytes in a file (`os.path.getsize`, for local and remote files alike)."""
+    with checked("checking", p):
+        return int(path(p).stat().length)
+
+
 def makedirs(p: PathLike) -> epath.Path:
     with checked("creating directory", p):
         d = path(p)

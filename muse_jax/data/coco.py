@@ -6,6 +6,7 @@ Layout (as unpacked from cocodataset.org; nothing is downloaded here):
 (`year="2014"` reads the 2014 files, whose val2014 is what COCO-30k is usually drawn from.)
 One record per image keeps all its captions (usually 5), in annotation-id order: training draws
 one per example per epoch, evaluation pairs are drawn by `coco30k_pairs`.
+`source_dir` may be local or on `gs://` (read via `muse_jax.storage`).
 """
 
 from __future__ import annotations
@@ -17,33 +18,34 @@ from typing import NamedTuple
 
 import numpy as np
 
-from muse_jax.data.records import RawRecord
+from muse_jax import storage
+from muse_jax.data.records import RawRecord, read_or_none
 
 _SPLIT_PREFIX = {"train": "train", "test": "val"}
 
 
 def annotation_file(source_dir: str, split: str, year: str) -> str:
-    return os.path.join(source_dir, "annotations", f"captions_{_SPLIT_PREFIX[split]}{year}.json")
+    return storage.join(source_dir, "annotations", f"captions_{_SPLIT_PREFIX[split]}{year}.json")
 
 
 def image_dir(source_dir: str, split: str, year: str) -> str:
-    return os.path.join(source_dir, f"{_SPLIT_PREFIX[split]}{year}")
+    return storage.join(source_dir, f"{_SPLIT_PREFIX[split]}{year}")
 
 
 def check_source(source_dir: str, year: str) -> None:
     """ValueError naming the first missing piece of the COCO layout."""
-    if not os.path.isdir(source_dir):
+    if not storage.isdir(source_dir):
         raise ValueError(f"COCO source directory {source_dir!r} does not exist.")
     for split in _SPLIT_PREFIX:
         for path in (annotation_file(source_dir, split, year), image_dir(source_dir, split, year)):
-            if not os.path.exists(path):
+            if not storage.exists(path):
                 raise ValueError(f"COCO source directory {source_dir!r} has no {path!r}.")
 
 
 def fingerprint(source_dir: str, year: str) -> list:
     """Annotation files' names and sizes: new annotations build a new dataset."""
     paths = [annotation_file(source_dir, s, year) for s in _SPLIT_PREFIX]
-    return [(os.path.basename(p), os.path.getsize(p)) for p in paths]
+    return [(os.path.basename(p), storage.size(p)) for p in paths]
 
 
 def load_annotations(path: str) -> list[tuple[str, str, list[str]]]:
@@ -52,8 +54,7 @@ def load_annotations(path: str) -> list[tuple[str, str, list[str]]]:
     Read with `surrogateescape` so that one undecodable caption becomes a skipped record rather
     than a failed build.
     """
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        data = json.load(f)
+    data = json.loads(storage.read_bytes(path).decode("utf-8", errors="surrogateescape"))
     files = {}
     for im in data.get("images", []):
         files.setdefault(int(im["id"]), im["file_name"])  # First wins: ids are unique keys.
@@ -70,11 +71,7 @@ def load_annotations(path: str) -> list[tuple[str, str, list[str]]]:
 def iter_records(source_dir: str, split: str, year: str) -> Iterator[RawRecord]:
     folder = image_dir(source_dir, split, year)
     for image_id, file_name, captions in load_annotations(annotation_file(source_dir, split, year)):
-        try:
-            with open(os.path.join(folder, file_name), "rb") as f:
-                data = f.read()
-        except OSError:
-            data = None
+        data = read_or_none(storage.join(folder, file_name))
         yield RawRecord(image_id, data, [c for c in captions if isinstance(c, str)])
 
 

@@ -5,32 +5,40 @@ The table is `<source_dir>/captions.csv` (comma-separated, standard CSV quoting)
 relative to `source_dir` (absolute paths work too). A header row is optional: a first row whose
 first field is file/filename/image/path and whose second is caption/text is skipped. Several
 rows for the same file give that image several captions. Only listed files are read.
+The folder, the table and the images may be local or on `gs://` (read via `muse_jax.storage`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterator
 
-from muse_jax.data.records import RawRecord, in_test_split
+from muse_jax import storage
+from muse_jax.data.records import RawRecord, in_test_split, read_or_none
 
 _HEADER = ({"file", "filename", "file_name", "image", "path"}, {"caption", "text"})
 DEFAULT_NAMES = ("captions.csv", "captions.tsv")
 
 
+def _isabs(path: str) -> bool:
+    """Whether `path` names a file by itself (absolute or gs://) rather than inside the folder."""
+    return storage.is_remote(path) or os.path.isabs(path)
+
+
 def captions_path(source_dir: str, captions_file: str = "") -> str:
     """The captions table to read; ValueError with the path when the folder or table is absent."""
-    if not os.path.isdir(source_dir):
+    if not storage.isdir(source_dir):
         raise ValueError(f"Image folder {source_dir!r} does not exist.")
     if captions_file:
-        path = captions_file if os.path.isabs(captions_file) else f"{source_dir}/{captions_file}"
-        if not os.path.isfile(path):
+        path = captions_file if _isabs(captions_file) else storage.join(source_dir, captions_file)
+        if not storage.isfile(path):
             raise ValueError(f"Captions file {path!r} does not exist.")
         return path
     for name in DEFAULT_NAMES:
-        if os.path.isfile(f"{source_dir}/{name}"):
-            return f"{source_dir}/{name}"
+        if storage.isfile(storage.join(source_dir, name)):
+            return storage.join(source_dir, name)
     raise ValueError(
         f"Image folder {source_dir!r} has no {' or '.join(DEFAULT_NAMES)}; "
         "set config.data.captions_file."
@@ -40,8 +48,10 @@ def captions_path(source_dir: str, captions_file: str = "") -> str:
 def read_table(path: str) -> dict[str, list[str]]:
     """{file: [captions]} in order of first appearance; a missing caption field is ''."""
     tsv = path.endswith(".tsv")
-    # surrogateescape: a non-UTF-8 caption skips its record, not the whole table.
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    # surrogateescape: a non-UTF-8 caption skips its record, not the whole table. Read whole
+    # (local or gs://) and parsed with newline="" as csv wants, like open(..., newline="").
+    text = storage.read_bytes(path).decode("utf-8", errors="surrogateescape")
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
         table: dict[str, list[str]] = {}
         for i, row in enumerate(reader):
@@ -57,7 +67,7 @@ def read_table(path: str) -> dict[str, list[str]]:
 
 
 def fingerprint(path: str) -> list:
-    return [(os.path.basename(path), os.path.getsize(path))]
+    return [(os.path.basename(path), storage.size(path))]
 
 
 def iter_records(
@@ -66,10 +76,5 @@ def iter_records(
     for name, captions in read_table(captions_file).items():
         if in_test_split(name, test_fraction) != (split == "test"):
             continue
-        path = name if os.path.isabs(name) else f"{source_dir}/{name}"
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            data = None
-        yield RawRecord(name, data, list(captions))
+        path = name if _isabs(name) else storage.join(source_dir, name)
+        yield RawRecord(name, read_or_none(path), list(captions))

@@ -1,9 +1,10 @@
 """TFDS builder for users' image-caption data: img2dataset shards, COCO captions, image folders.
 
-Built from local files only (`source_dir`; nothing is downloaded) into standard TFDS shards that
-every host reads in parallel. Each record stores the image as encoded bytes (re-encoded only
-when its shorter side exceeds `max_image_size` or TensorFlow cannot decode it as stored), all of
-its cleaned captions, its stored width/height (so crops are planned before decoding) and an id.
+Built from existing files only (`source_dir`, local or gs://; nothing is downloaded) into
+standard TFDS shards that every host reads in parallel. Each record stores the image as encoded
+bytes (re-encoded only when its shorter side exceeds `max_image_size` or TensorFlow cannot
+decode it as stored), all of its cleaned captions, its stored width/height (so crops are
+planned before decoding) and an id.
 
 Bad records are skipped and counted per reason (`records.SKIP_REASONS`); the counts go to the
 build log and to `info.metadata["counts"][split]`. After the build, `sizes-<split>.npy` beside
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -30,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from muse_jax import storage
 from muse_jax.data import coco, image_folder, img2dataset, records
 
 FORMATS = ("img2dataset", "coco", "image_folder")
@@ -65,7 +68,9 @@ def source_params(
         raise ValueError(f"Unknown image-text format {source_format!r}; valid: {FORMATS}.")
     if not source_dir:
         raise ValueError(f"config.data.source_dir is empty: where are the {source_format} files?")
-    source_dir = os.path.abspath(os.path.expanduser(source_dir))
+    # Local: absolute with ~ expanded, as before; gs://: kept as given (abspath would make it a
+    # local ./gs:/ folder).
+    source_dir = os.fspath(storage.path(source_dir))
     params = dict(
         source_format=source_format,
         source_dir=source_dir,
@@ -96,7 +101,7 @@ def config_name(params: dict) -> str:
 
 
 class ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Image-caption pairs from local files; splits 'train' and 'test'.
+    """Image-caption pairs from users' files (local or gs://); splits 'train' and 'test'.
 
     Not registered with TFDS (use `make_builder`), like the shapes builder.
     """
@@ -132,7 +137,7 @@ class ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Local files only.
+        del dl_manager  # Existing files only; nothing is downloaded.
         cfg: ImageTextConfig = self.builder_config
         # TFDS cannot store an empty split: test_fraction=0 means no 'test' split at all.
         held_out = cfg.source_format == "coco" or cfg.test_fraction > 0
@@ -213,7 +218,7 @@ def prepare(builder: ImageTextBuilder, build_workers: int = 2) -> None:
         builder.download_and_prepare()
     for split in builder.info.splits:
         path = _sizes_path(builder, split)
-        if path.exists():
+        if storage.exists(path):
             continue
         ds = builder.as_dataset(
             split=split,
@@ -224,17 +229,15 @@ def prepare(builder: ImageTextBuilder, build_workers: int = 2) -> None:
         parts = [np.zeros((0, 2), np.int32)]
         for batch in tfds.as_numpy(ds.batch(4096)):
             parts.append(np.stack([batch["width"], batch["height"]], axis=1).astype(np.int32))
-        sizes = np.concatenate(parts)
-        tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
-        with tmp.open("wb") as f:
-            np.save(f, sizes)
-        tmp.replace(path)  # Atomic: readers never see half a table.
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(parts))
+        storage.write_bytes(path, buffer.getvalue())  # Atomic: never half a table.
 
 
 def sizes(builder: ImageTextBuilder, split: str) -> np.ndarray:
     """int32 [N, 2] (width, height) of the split's records in storage order."""
-    with _sizes_path(builder, split).open("rb") as f:
-        table = np.load(f)
+    path = _sizes_path(builder, split)
+    table = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
     chex.assert_shape(table, (builder.info.splits[split].num_examples, 2))
     return table
 

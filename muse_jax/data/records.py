@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from muse_jax import storage
 from muse_jax.data.preprocessing import clean_caption_py
 
 # Why records are skipped; the build log, the dataset's metadata and TensorBoard use these names.
@@ -30,6 +31,16 @@ SKIP_REASONS = (
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_or_none(path: str) -> bytes | None:
+    """A local or gs:// file's bytes, or None when it is missing or unreadable, so that the
+    record is skipped as `missing_image` rather than ending the build. Remote client errors
+    arrive as `storage.StorageError`, an OSError, so they count the same way."""
+    try:
+        return storage.read_bytes(path)
+    except OSError:
+        return None
 
 
 class BadRecord(Exception):

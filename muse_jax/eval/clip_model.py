@@ -15,6 +15,8 @@ Hugging Face module names (`text_model/encoder/layers_3/self_attn/q_proj/kernel`
     HF [D, C, p, p] patch conv     -> Flax [p, p, C, D] conv kernel
     LayerNorm weight / bias        -> scale / bias
     Embedding weight               -> embedding
+
+The checkpoint directory may be local or on gs:// (through `muse_jax.storage`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import struct
+from collections.abc import Iterator
 from typing import Any
 
 import chex
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax import storage
 from muse_jax.models.layers import Dtype, constrain, get_dtype, partitioned
 from muse_jax.text.safetensors_t5 import CheckpointError, _read, _weight_files
 
@@ -414,15 +419,14 @@ def _tower_fields(hf: dict, tower: str, cls: type[TowerConfig]) -> dict:
 
 def config_from_hf(path: str, dtype: str = "float32") -> CLIPConfig:
     """Builds a `CLIPConfig` from `path/config.json` of a `transformers` `CLIPModel`."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise CheckpointError(f"{path}: CLIP checkpoint directory does not exist.")
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(file):
+    file = storage.join(path, CONFIG_FILE)
+    if not storage.exists(file):
         raise CheckpointError(
             f"{path}: missing {CONFIG_FILE} (a transformers CLIPModel directory)."
         )
-    with open(file) as f:
-        hf = json.load(f)
+    hf = storage.read_json(file)
     if hf.get("model_type") != "clip" or "vision_config" not in hf or "text_config" not in hf:
         raise CheckpointError(
             f"{file}: not a CLIP config (model_type={hf.get('model_type')!r}); expected a "
@@ -493,6 +497,60 @@ def _hf_to_flax(config: CLIPConfig) -> dict[str, tuple[tuple[str, ...], str]]:
     return table
 
 
+# safetensors dtype names -> numpy; BF16 (no numpy type) is widened by hand in `_read_remote`.
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def _remote_weight_files(path: str) -> dict[str, str]:
+    """`_weight_files` for a gs:// directory: the index's weight map, or else the keys listed in
+    the header of the single file (read without its tensors)."""
+    index = storage.join(path, INDEX_FILE)
+    if storage.exists(index):
+        weight_map = storage.read_json(index)["weight_map"]
+        return {k: storage.join(path, v) for k, v in weight_map.items()}
+    single = storage.join(path, WEIGHTS_FILE)
+    if not storage.exists(single):
+        raise CheckpointError(f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists.")
+    with storage.checked("reading", single), storage.path(single).open("rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+    return dict.fromkeys(sorted(k for k in header if k != "__metadata__"), single)
+
+
+def _read_remote(files: dict[str, str], keys: list[str]) -> Iterator[tuple[str, np.ndarray, str]]:
+    """`_read` for gs:// files: safetensors memory-maps local files only, so each file is read
+    whole into memory (CLIP ViT-L/14 is 1.7 GB) and parsed from its bytes, once per file."""
+    from safetensors import deserialize
+
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    for file, file_keys in by_file.items():
+        with storage.checked("reading", file):
+            tensors = dict(deserialize(storage.read_bytes(file)))
+        for k in file_keys:
+            t = tensors.pop(k)
+            if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32.
+                raw = np.frombuffer(t["data"], dtype="<u2").astype(np.uint32) << 16
+                value = raw.view(np.float32)
+            elif t["dtype"] in _NUMPY_DTYPES:
+                value = np.frombuffer(t["data"], dtype=_NUMPY_DTYPES[t["dtype"]])
+            else:
+                raise CheckpointError(f"{file}: key {k!r} has unsupported dtype {t['dtype']}.")
+            yield k, np.asarray(value, dtype=np.float32).reshape(t["shape"]), file
+        del tensors
+
+
 _TO_FLAX = {
     "copy": lambda x: x,
     "linear": lambda x: x.T,  # torch Linear [out, in] -> Flax [in, out]
@@ -518,11 +576,12 @@ def load_params(path: str, config: CLIPConfig | None = None) -> dict:
         (e.g. a checkpoint of another architecture), or a shape that differs from the model's.
     """
     config = config or config_from_hf(path)
-    files = _weight_files(path)
-    index = os.path.join(path, INDEX_FILE)
-    source = index if os.path.exists(index) else os.path.join(path, WEIGHTS_FILE)
+    remote = storage.is_remote(path)
+    files = _remote_weight_files(path) if remote else _weight_files(path)
+    index = storage.join(path, INDEX_FILE)
+    source = index if storage.exists(index) else storage.join(path, WEIGHTS_FILE)
     for file in sorted(set(files.values())):
-        if not os.path.exists(file):
+        if not storage.exists(file):
             raise CheckpointError(f"{source}: names {os.path.basename(file)}, which is missing.")
     table = _hf_to_flax(config)
     expected = param_shapes(config)
@@ -534,7 +593,7 @@ def load_params(path: str, config: CLIPConfig | None = None) -> dict:
         if k not in files:
             raise CheckpointError(f"{source}: missing key {k!r}.")
     params: dict = {}
-    for k, value, file in _read(files, list(table)):
+    for k, value, file in (_read_remote if remote else _read)(files, list(table)):
         where, kind = table[k]
         want = expected
         for name in where:

@@ -15,13 +15,14 @@ irrelevant to the embedding.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from muse_jax import storage
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -35,11 +36,11 @@ _SPLIT = (
 
 
 def _from_vocab_and_merges(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
-    """Builds CLIP's pipeline around a vocab.json + merges.txt pair."""
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(merges_file, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    """Builds CLIP's pipeline around a vocab.json + merges.txt pair (local or gs://)."""
+    vocab = json.loads(storage.read_bytes(vocab_file).decode("utf-8"))
+    text = storage.read_bytes(merges_file).decode("utf-8")
+    # Universal newlines, as open(..., encoding="utf-8") reads them.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     # merges.txt starts with a "#version" line; a trailing newline leaves an empty line.
     merges = [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
     for token in (BOS, EOS):
@@ -87,13 +88,14 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
-        """Reads `path/tokenizer.json`, or else `path/vocab.json` + `path/merges.txt`."""
-        if os.path.exists(os.path.join(path, TOKENIZER_FILE)):
-            return cls(
-                tokenizers.Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE)), max_length
-            )
-        vocab, merges = os.path.join(path, VOCAB_FILE), os.path.join(path, MERGES_FILE)
-        if not (os.path.exists(vocab) and os.path.exists(merges)):
+        """Reads `path/tokenizer.json`, or else `path/vocab.json` + `path/merges.txt`; `path`
+        may be local or gs:// (the files are read whole: `Tokenizer.from_file` is local only)."""
+        tokenizer_file = storage.join(path, TOKENIZER_FILE)
+        if storage.exists(tokenizer_file):
+            text = storage.read_bytes(tokenizer_file).decode("utf-8")
+            return cls(tokenizers.Tokenizer.from_str(text), max_length)
+        vocab, merges = storage.join(path, VOCAB_FILE), storage.join(path, MERGES_FILE)
+        if not (storage.exists(vocab) and storage.exists(merges)):
             raise FileNotFoundError(
                 f"{path}: no CLIP tokenizer; expected {TOKENIZER_FILE}, or {VOCAB_FILE} and "
                 f"{MERGES_FILE} (as in the openai/clip-vit-large-patch14 repository)."

@@ -7,18 +7,20 @@ The .pth is a pickle; it is opened with `torch.load(weights_only=True)` (tensors
 and checked against the network before anything is written, so a wrong file fails here with
 the offending key. The output keeps the PyTorch key names and drops what FID never reads (the
 1008-class head, BatchNorm step counters). `--output` ending in `.npz` writes numpy's format.
+Either path may be local or gs:// (through `muse_jax.storage`; the output is written atomically).
 torch is needed only here; `muse_jax.eval.fid` reads the output without it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
 import numpy as np
 from absl import flags
 
-from muse_jax import cli
+from muse_jax import cli, storage
 from muse_jax.eval import inception
 
 _INPUT = flags.DEFINE_string("input", None, "pytorch-fid's pt_inception-2015-12-05-*.pth.")
@@ -30,7 +32,7 @@ _HUB_HASH = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
 def read_pth(path: str) -> dict[str, np.ndarray]:
     """The state dict of a `.pth` as float32 numpy, read without running pickled code."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such file (download pytorch-fid's FID weights first).")
     try:
         import torch
@@ -39,7 +41,9 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
             "Converting a .pth needs PyTorch (CPU build is enough): pip install torch. "
             "Only the conversion needs it; FID itself reads the converted file."
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load opens local paths only: a gs:// file is read into memory (~100 MB) first.
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+    state = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise inception.WeightsError(f"{path}: expected a state dict of tensors.")
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
@@ -65,15 +69,15 @@ def convert(input_path: str, output_path: str) -> str:
         )
     inception.check_state_dict(state, input_path)
     kept = {k: np.ascontiguousarray(state[k]) for k in inception.key_table()}
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     if output_path.endswith(".npz"):
-        np.savez(output_path, **kept)
+        buffer = io.BytesIO()
+        np.savez(buffer, **kept)
+        data = buffer.getvalue()
     else:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        save_file(
-            kept, output_path, metadata={"source": os.path.basename(input_path), "sha256": digest}
-        )
+        data = save(kept, metadata={"source": os.path.basename(input_path), "sha256": digest})
+    storage.write_bytes(output_path, data)  # Creates the folder; atomic, local or gs://.
     return digest
 
 

@@ -9,7 +9,8 @@ products and its tolerance for imaginary round-off, so our numbers equal its num
 Reference statistics (COCO-30k, CC3M, ...) are costly and never change for a given image set
 and weights file: `reference_statistics` writes them once to `<cache_dir>/<key>.npz` under a
 key the caller builds with `cache_key`. The file holds `mu` and `sigma` like pytorch-fid's
-`--save-stats` files, so either tool can read the other's.
+`--save-stats` files, so either tool can read the other's. The cache (and the weights file) may
+be local or on gs:// (read and written through `muse_jax.storage`).
 
   extractor = fid.FeatureExtractor("inception_fid.safetensors", batch_size=50)
   key = fid.cache_key("coco2014", "val", 30000, "256px", weights="inception_fid.safetensors")
@@ -20,7 +21,7 @@ key the caller builds with `cache_key`. The file holds `mu` and `sigma` like pyt
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import re
 import time
 import warnings
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from muse_jax import storage
 from muse_jax.eval import inception
 
 Images = np.ndarray | Iterable[np.ndarray]
@@ -47,16 +49,16 @@ class Statistics:
     count: int
 
     def save(self, path: str, key: str = "") -> None:
-        """Writes `path` atomically, so a killed run never leaves a half file to be reused."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, key=np.str_(key))
-        os.replace(tmp, path)
+        """Writes `path` (local or gs://) atomically, so a killed run never leaves a half file
+        to be reused."""
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=self.mu, sigma=self.sigma, count=self.count, key=np.str_(key))
+        storage.write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str) -> tuple[Statistics, str]:
         """(statistics, key); also reads pytorch-fid's stats files (count -1, key "")."""
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
             count = int(f["count"]) if "count" in f.files else -1
             key = str(f["key"]) if "key" in f.files else ""
             return cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), count), key
@@ -231,16 +233,15 @@ def reference_statistics(
       cache_dir: directory of the cache files.
       key: from `cache_key`; a different key never reuses another's file.
     """
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
+    path = storage.join(cache_dir, f"{key}.npz")
+    if storage.exists(path):
         stats, stored = Statistics.load(path)
         if stored and stored != key:
             raise ValueError(f"{path} holds statistics for {stored!r}, not {key!r}.")
         extractor.log(f"[fid] reference statistics from {path} ({stats.count} images)")
         return stats
     stats = statistics(extractor(images()))
-    os.makedirs(cache_dir, exist_ok=True)
-    stats.save(path, key)
+    stats.save(path, key)  # Creates cache_dir if needed.
     extractor.log(f"[fid] wrote reference statistics of {stats.count} images to {path}")
     return stats
 

@@ -8,15 +8,16 @@ and the max pool of the last E block (a quirk of the TF graph that the weights w
 The 1008-class head is never used.
 
 Weights come as the PyTorch state dict of that network in a safe format (`.safetensors` or
-`.npz`; see `muse_jax.eval.convert_inception` for the `.pth` download). Module names equal the
-PyTorch ones, so `Mixed_6b.branch7x7_2.conv.weight` is params/Mixed_6b/branch7x7_2/conv/kernel.
+`.npz`, local or gs://; see `muse_jax.eval.convert_inception` for the `.pth` download). Module
+names equal the PyTorch ones, so `Mixed_6b.branch7x7_2.conv.weight` is
+params/Mixed_6b/branch7x7_2/conv/kernel.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from muse_jax import storage
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -372,28 +375,32 @@ def state_dict_from_variables(variables: Mapping[str, Any]) -> dict[str, np.ndar
 
 
 def sha256(path: str) -> str:
-    """Hex digest of a file, streamed (weights files are ~100 MB)."""
+    """Hex digest of a local or gs:// file, streamed (weights files are ~100 MB)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.checked("reading", path), storage.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a `.safetensors` or `.npz` file of named arrays (never pickle)."""
-    if not os.path.exists(path):
+    """Reads a local or gs:// `.safetensors` or `.npz` file of named arrays (never pickle)."""
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"FID Inception weights not found: {path}. Convert pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth with `python -m muse_jax.eval.convert_inception "
             f"--input=pt_inception-2015-12-05-6726825d.pth --output={path}`."
         )
     if path.endswith(".safetensors"):
+        if storage.is_remote(path):  # safetensors maps local files only: read the bytes.
+            from safetensors.numpy import load
+
+            return load(storage.read_bytes(path))
         from safetensors.numpy import load_file
 
         return load_file(path)
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     raise WeightsError(f"{path}: expected a .safetensors or .npz file.")
 

@@ -17,11 +17,12 @@ import abc
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import numpy as np
+
+from muse_jax import storage
 
 # Keys of config.data that do not change the pixels of the evaluation images, so they are left
 # out of the FID reference cache key (changing them reuses the cached statistics).
@@ -169,10 +170,11 @@ class FullBatches:
 def _require_path(
     metric: str, value: str, key: str, what: str, hint: str, directory: bool = False
 ) -> str:
-    """`value` if it names an existing file (or directory); else one line naming `key`."""
+    """`value` if it names an existing file (or directory), local or gs://; else one line
+    naming `key`."""
     if not value:
         raise MetricConfigError(f"metric {metric!r} needs {what}: set --{key}=PATH ({hint}).")
-    exists = os.path.isdir(value) if directory else os.path.isfile(value)
+    exists = storage.isdir(value) if directory else storage.isfile(value)
     if not exists:
         kind = "directory" if directory else "file"
         raise MetricConfigError(f"{key}={value}: no such {kind} ({what}; {hint}).")
@@ -356,7 +358,7 @@ class Fid(Metric):
     @property
     def cache_dir(self) -> str:
         cache = self.setup.config.eval.fid.cache_dir
-        return cache or os.path.join(self.setup.workdir, "eval", "fid_stats")
+        return cache or storage.join(self.setup.workdir, "eval", "fid_stats")
 
     def cache_key(self) -> str:
         from muse_jax.eval import fid
