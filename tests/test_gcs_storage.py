@@ -182,3 +182,55 @@ def test_tfds_builder_and_tf_data_on_gs(emulator: GcsEmulator, tmp_path: Path) -
     assert any(n.startswith("tfds/tiny/1.0.0/tiny-train.tfrecord") for n in names)
     assert not [n for n in emulator.list("tfds/tiny/") if "incomplete" in n]
     assert emulator.list("records/") == ["records/a.tfrecord"]
+
+
+def test_user_datasets_read_from_gs_like_local_ones(emulator: GcsEmulator, tmp_path: Path) -> None:
+    """An image folder and an img2dataset tar, built from gs:// and from a local copy: the same
+    records (ids, captions, image bytes)."""
+    out = _run(
+        emulator,
+        tmp_path,
+        """
+        import io, os, tarfile
+        import numpy as np
+        import tensorflow_datasets as tfds
+        from PIL import Image
+        from muse_jax import storage
+        from muse_jax.data import image_text_tfds
+
+        rng = np.random.default_rng(0)
+        files = {}
+        rows = ["file,caption"]
+        tar_buf = io.BytesIO()
+        with tarfile.open(fileobj=tar_buf, mode="w") as tar:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(buf, "PNG")
+                files[f"folder/img{i}.png"] = buf.getvalue()
+                rows.append(f"img{i}.png,shape number {i}")
+                for name, data in ((f"{i:09d}.png", buf.getvalue()), (f"{i:09d}.txt", f"tar {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        files["folder/captions.csv"] = ("\\n".join(rows) + "\\n").encode()
+        files["web/00000.tar"] = tar_buf.getvalue()
+        for root in (os.environ["BUCKET"] + "/src", os.path.abspath("local_src")):
+            for name, data in files.items():
+                storage.write_bytes(storage.join(root, name), data)
+
+        def records(fmt, source, data_dir):
+            params = image_text_tfds.source_params(fmt, source, test_fraction=0.0)
+            builder = image_text_tfds.make_builder(data_dir, params)
+            image_text_tfds.prepare(builder)
+            ds = builder.as_dataset(split="train", shuffle_files=False,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+            return sorted((ex["id"], ex["captions"].tolist(), ex["image"]) for ex in tfds.as_numpy(ds))
+
+        for fmt, sub in (("image_folder", "folder"), ("img2dataset", "web")):
+            remote = records(fmt, os.environ["BUCKET"] + "/src/" + sub, os.path.abspath("d_gs"))
+            local = records(fmt, os.path.abspath("local_src/" + sub), os.path.abspath("d_local"))
+            assert len(remote) == 6 and remote == local, (fmt, len(remote), len(local))
+        print("ok")
+    """,
+    )
+    assert out.strip().splitlines()[-1] == "ok"
