@@ -1,4 +1,5 @@
-"""Frozen T5 in the base stage: in-graph, and from precomputed embeddings written by `embed`."""
+"""Frozen T5 in the base stage: in-graph, and from precomputed embeddings written by `embed`
+(the table itself: tests/test_embedding_table.py)."""
 
 import os
 
@@ -65,12 +66,19 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     workdir, table_dir = str(tmp_path / "exp"), str(tmp_path / "emb")
     captions = precompute.collect_captions(config, workdir, ["train", "test"], None)
     assert captions[0] == "" and len(set(captions)) == len(captions)
-    added = precompute.embed(
-        config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
-    )
-    assert added == len(captions)
+
+    def embed(some):
+        return precompute.embed(
+            config, workdir, table_dir, some, batch_size=16, chunk_size=64, dtype="bfloat16"
+        )
+
+    # A first run over some captions, then one over all: the second embeds exactly the rest
+    # (resuming and appending are the same path), a third nothing.
+    assert embed(captions[:100]) == 100
+    assert embed(captions) == len(captions) - 100
+    assert embed(captions) == 0
     table = embeddings.EmbeddingTable(table_dir)
-    assert set(table.row) == set(captions) and table.dim == t5.get_config("tiny").d_model
+    assert list(table.captions()) == captions and table.dim == t5.get_config("tiny").d_model
 
     # Values are the encoder's outputs (to bf16 precision) on real tokens.
     ids_mask = TextConditioner(config, workdir).encode(captions[:5])
@@ -83,23 +91,6 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     np.testing.assert_array_equal(mask, ids_mask["text_mask"])
     real = mask.astype(bool)
     np.testing.assert_allclose(emb[real], direct[real], rtol=2e-2, atol=2e-2)
-
-    # Interrupted after some chunks: a rerun embeds exactly what is missing, then nothing.
-    chunks = embeddings.completed_chunks(table_dir)
-    os.remove(embeddings.chunk_path(table_dir, chunks[-1]))
-    missing = len(captions) - len(embeddings.EmbeddingTable(table_dir).row)
-    assert (
-        precompute.embed(
-            config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
-        )
-        == missing
-    )
-    assert (
-        precompute.embed(
-            config, workdir, table_dir, captions, batch_size=16, chunk_size=64, dtype="bfloat16"
-        )
-        == 0
-    )
 
     # The base stage trains from the table, with no text encoder in its state.
     config.base.text_embeddings = table_dir
@@ -117,5 +108,5 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
         seed=0,
     )
     assert out.images.shape[0] == 2 * len(config.eval.seen_prompts)
-    with pytest.raises(KeyError, match="not in the precomputed text embeddings"):
+    with pytest.raises(embeddings.UnknownCaptionError, match="not in the precomputed text"):
         conditioner.encode(["a never embedded prompt"])

@@ -3,6 +3,11 @@ embeddings (`config.base.text_embeddings`, written by `muse_jax.embed`) — one 
 
 Batches and prompts come out as {'text_ids', 'text_mask'} or {'text_emb', 'text_mask'}; the
 empty caption "" is the unconditional input of classifier-free guidance in both cases.
+
+The two routes of the paper's frozen T5: in the graph (`text_embeddings` empty; the base stage
+loads the encoder's weights sharded by the same logical-axis rules as the transformer and runs
+it in every step), or precomputed once into a table (local or gs://) whose rows are read per
+batch in bf16 and handed to the model as float32, so host memory is a batch, not the table.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from muse_jax import storage
 from muse_jax.data import tasks, vocabulary
 from muse_jax.text.embeddings import EmbeddingTable
 
@@ -24,6 +30,7 @@ def embeddings_dir(config) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _table(directory: str) -> EmbeddingTable:
+    """One reader per table and process (its index directory and caches are shared)."""
     return EmbeddingTable(directory)
 
 
@@ -32,7 +39,7 @@ class TextConditioner:
         self.config = config
         self.workdir = workdir
         directory = embeddings_dir(config)
-        self.table = _table(os.path.abspath(directory)) if directory else None
+        self.table = _table(os.fspath(storage.path(directory))) if directory else None
 
     @property
     def precomputed(self) -> bool:
