@@ -181,6 +181,16 @@ def _find_step(directory: str, what: str, step: int | None) -> int:
     return steps[-1] if step is None else step
 
 
+def _restore_latest(stage_dir: str, what: str, step: int | None, restore) -> tuple[Any, int]:
+    directory = checkpoint_dir(stage_dir)
+    step = _find_step(directory, what, step)
+    ckpt = Checkpointer(directory, asynchronous=False)
+    try:
+        return restore(ckpt, step), step
+    finally:
+        ckpt.close()
+
+
 def load_params(
     stage_dir: str, abstract_params: Any, what: str, step: int | None = None
 ) -> tuple[Any, int]:
@@ -189,23 +199,13 @@ def load_params(
     Only the `params` item is read. Raises FileNotFoundError with one clear line when the stage
     has no checkpoint (or not that step); nothing is created on the way.
     """
-    directory = checkpoint_dir(stage_dir)
-    step = _find_step(directory, what, step)
-    ckpt = Checkpointer(directory, asynchronous=False)
-    try:
-        return ckpt.restore_params(abstract_params, step), step
-    finally:
-        ckpt.close()
+    return _restore_latest(
+        stage_dir, what, step, lambda ckpt, s: ckpt.restore_params(abstract_params, s)
+    )
 
 
 def load_state(
     stage_dir: str, abstract_state: TrainState, what: str, step: int | None = None
 ) -> tuple[TrainState, int]:
     """The whole train state of a stage at `step` (default: its latest), optimizer included."""
-    directory = checkpoint_dir(stage_dir)
-    step = _find_step(directory, what, step)
-    ckpt = Checkpointer(directory, asynchronous=False)
-    try:
-        return ckpt.restore(abstract_state, step), step
-    finally:
-        ckpt.close()
+    return _restore_latest(stage_dir, what, step, lambda ckpt, s: ckpt.restore(abstract_state, s))
