@@ -381,3 +381,16 @@ def test_errors(tmp_path, body, message):
         f"--sweep={path}",
     )
     assert r.returncode == 2 and r.stdout == "" and message in r.stderr
+
+
+def test_readme_pod_command_dry_runs():
+    """The README's "Train on a TPU pod" command, word for word, as a dry run."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Train on a TPU pod") :]
+    block = section[section.index("```bash\n") + 8 : section.index("\n```")]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[0] == "launch/tpu_train.sh" and "--restarts=20" in words
+    lines = _dry(TPU, *words[1:])
+    train = [_train_args(_remote(line)) for line in lines if "muse_jax.train" in " ".join(line)]
+    assert [t[2] for t in train] == ["--config.stage=tokenizer", "--config.stage=base"]
+    assert train[0][:2] == ["--config=configs/user_data.py", "--workdir=gs://my-bucket/muse/run1"]
