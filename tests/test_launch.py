@@ -387,7 +387,8 @@ def test_readme_pod_command_dry_runs():
     """The README's "Train on a TPU pod" command, word for word, as a dry run."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme[readme.index("## Train on a TPU pod") :]
-    block = section[section.index("```bash\n") + 8 : section.index("\n```")]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = section[start : section.index("\n```", start)]
     words = shlex.split(block.replace("\\\n", " "))
     assert words[0] == "launch/tpu_train.sh" and "--restarts=20" in words
     lines = _dry(TPU, *words[1:])
