@@ -82,6 +82,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Multi-host: call jax.distributed.initialize() first (launch/tpu_train.sh sets
     # MUSE_DISTRIBUTED=1, which does the same).
     config.distributed = False
+    # Persistent compilation cache (muse_jax/compilation_cache.py): a restarted stage loads its
+    # compiled programs instead of compiling again. "auto": `<workdir>/compilation_cache`;
+    # "": none; or a directory (local or gs://), e.g. one shared by several runs.
+    config.compilation_cache = "auto"
 
     config.data = ml_collections.ConfigDict(
         dict(

@@ -1,8 +1,8 @@
 """One process of a two-process training run on localhost (run by tests/test_multihost.py).
 
 Usage: python tests/multiprocess_worker.py PROCESS_ID PORT WORKDIR -> one JSON line.
-Each process owns 2 CPU devices; jax.distributed joins them into one 4-device mesh. The base
-stage runs two steps per call.
+Each process owns 2 CPU devices; jax.distributed joins them into one 4-device mesh. The
+tokenizer stage has a time budget on process 1 only; the base stage runs two steps per call.
 """
 
 import json
@@ -27,7 +27,9 @@ _stack = trainer.stack_batches
 trainer.stack_batches = lambda batches: multi_step_calls.append(len(batches)) or _stack(batches)
 
 config = shapes_tiny.get_config("smoke")
-config.tokenizer.train.num_steps = 2
+config.tokenizer.train.num_steps = 4
+# A budget on process 1 only, spent before the first step ends: both processes must stop.
+config.tokenizer.train.time_budget_s = 1e-3 if pid == 1 else 0.0
 tokenizer = trainer.train(config, workdir, "tokenizer")
 train = config.base.train
 train.num_steps, train.log_every, train.checkpoint_every = 4, 2, 2

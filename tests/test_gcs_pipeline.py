@@ -124,6 +124,7 @@ def test_smoke_pipeline_on_a_gs_workdir(tmp_path):
     for prefix in ("run/tokenizer/events.out.tfevents.", "run/eval/base/events.out.tfevents."):
         assert any(o.startswith(prefix) for o in objects), prefix
     assert any(o.startswith("run/data/tfds/") for o in objects)
+    assert any(o.startswith("run/compilation_cache/") for o in objects)
     for where in (ROOT, str(tmp_path), os.getcwd()):
         assert not os.path.exists(os.path.join(where, "gs:")), where
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from muse_jax import parallel
+from muse_jax import compilation_cache, parallel
 from muse_jax.train import checkpoints, summaries, trainer
 from muse_jax.train.tokenizer_stage import TokenizerStage
 
@@ -273,3 +273,74 @@ def test_steps_per_call_trains_exactly_as_one_step_per_call(smoke_config, tmp_pa
     assert int(params[0].step) == int(params[1].step) == 10
     for a, b in zip(jax.tree.leaves(params[0].params), jax.tree.leaves(params[1].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_during_the_final_checkpoint_wait_still_saves_and_reports_it(
+    smoke_config, tmp_path, monkeypatch
+):
+    """A SIGTERM that arrives while the trainer waits for its last async save neither kills the
+    process nor loses the save; the run reports it so that a pipeline starts no next stage."""
+    train = smoke_config.tokenizer.train
+    train.num_steps, train.summary_every = 2, 1000
+    real_close = checkpoints.Checkpointer.close
+
+    def close_after_a_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # A real signal, delivered to the trainer's handler.
+        real_close(self)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "close", close_after_a_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
+    assert result.status == "preempted" and result.step == 2
+    ckpt_dir = checkpoints.checkpoint_dir(os.path.join(str(tmp_path), "tokenizer"))
+    assert checkpoints.finalized_steps(ckpt_dir)[-1] == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # The handler is gone after the run.
+
+
+@pytest.mark.parametrize(
+    "setting,workdir,expected",
+    [
+        ("auto", "gs://bucket/run", "gs://bucket/run/compilation_cache"),
+        ("gs://bucket/shared_cache", "/runs/a", "gs://bucket/shared_cache"),
+        ("auto", "/runs/a", "/runs/a/compilation_cache"),
+        ("", "/runs/a", None),
+    ],
+)
+def test_compilation_cache_directory_of_each_setting(setting, workdir, expected):
+    assert compilation_cache.cache_dir(setting, workdir) == expected
+
+
+def test_a_relative_compilation_cache_directory_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert compilation_cache.cache_dir("cache", "/runs/a") == str(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_a_restarted_stage_on_gs_loads_its_train_step_from_the_compilation_cache_there(tmp_path):
+    """Two fresh processes on a `gs://` workdir (a local GCS emulator): the first stops at its
+    time budget after one step, the second resumes and takes its train step from
+    `gs://.../compilation_cache`. Nothing lands in a local `gs:` folder."""
+    from tests.gcs_emulator import gcs_emulator
+
+    with gcs_emulator() as gcs:
+        env = dict(
+            os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_DEBUG_LOG_MODULES="jax._src.compiler"
+        )
+        args = [
+            f"--config={CONFIG}:smoke",
+            "--config.stage=tokenizer",
+            f"--workdir=gs://{gcs.bucket}/run",
+            f"--config.data.data_dir={tmp_path / 'data'}",  # Local: the dataset is not the point.
+        ]
+        first = _run([*args, "--config.tokenizer.train.time_budget_s=0.001"], env=env)
+        assert first.returncode == 0, first.stderr[-4000:]
+        assert "time_budget at step 1" in first.stdout
+        cached = gcs.list("run/compilation_cache/")
+        assert any(name.startswith("run/compilation_cache/jit_step_fn-") for name in cached)
+        second = _run(args, env=env)
+    assert second.returncode == 0 and "completed at step 6" in second.stdout, second.stderr[-4000:]
+    assert "resumed from checkpoint step 1" in second.stdout
+    assert "Persistent compilation cache hit for 'jit_step_fn'" in second.stderr
+    assert "CACHE MISS for 'jit_step_fn'" not in second.stderr
+    for where in (ROOT, str(tmp_path), os.getcwd()):
+        assert not os.path.exists(os.path.join(where, "gs:")), where

@@ -3,7 +3,12 @@
 Sharded init, a jitted step with donated state (optionally several steps per call), orbax
 checkpoints (async, keep N, resume from the latest), CLU TensorBoard summaries, progress lines
 with ETA, SIGTERM -> checkpoint and a clean exit, and a non-finite loss stops the run with the
-last good checkpoint kept.
+last good checkpoint kept. Compiled programs persist under the workdir
+(`muse_jax.compilation_cache`), so a restart does not compile them again.
+
+On a pod every process runs this loop and must stop at the same step: a process that stops
+early leaves the others waiting in a collective. SIGTERM may reach one host only, and each
+host measures its own time budget, so the processes vote on stopping (`_StopVote`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from muse_jax import parallel, storage
+from muse_jax import compilation_cache, parallel, storage
 from muse_jax.train import checkpoints
 from muse_jax.train import stage as stage_lib
 
@@ -42,13 +48,15 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous = None
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # Not the main thread: no signal handling, training still works.
-            self._previous = None
+            pass
         return self
 
     def _handle(self, signum, frame):
@@ -56,8 +64,70 @@ class _Preemption:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            # None: the previous handler was not set from Python (JAX's distributed runtime
+            # sets one in C++); it cannot be put back, so SIGTERM gets its default action.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _StopVote:
+    """One stop decision for all processes from each process's SIGTERM and time-budget flags.
+
+    With one process the flags decide at once and nothing is communicated. With several,
+    every process casts a vote at every call boundary, and the vote is a tiny max-reduction
+    over processes. It is read one call later, so the host never waits for the devices to
+    finish the step it has just dispatched. Every process reads the same result at the same
+    boundary and so stops at the same step. SIGTERM on one host stops all of them; so does a
+    time budget reached on one host.
+
+    JAX's own preemption sync point (`multihost_utils.reached_preemption_sync_point`, which
+    orbax's `reached_preemption` wraps) was the other candidate. It handles SIGTERM only, so the
+    time budget would need a second mechanism. It needs the C++ SIGTERM handler of JAX's
+    distributed runtime, which `_Preemption` replaces. It cannot see a signal that arrives
+    during the final checkpoint wait, when no more steps run.
+    """
+
+    def __init__(self):
+        self._pending: jax.Array | None = None
+        if jax.process_count() == 1:
+            return
+        # One row of flags per device, devices grouped by process: each process fills its rows.
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        mesh = Mesh(np.array(devices), ("devices",))
+        self._rows = NamedSharding(mesh, PartitionSpec("devices"))
+        self._max = jax.jit(
+            lambda flags: jnp.max(flags, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec())
+        )
+
+    def _cast(self, preempted: bool, over_budget: bool) -> jax.Array:
+        flags = np.tile(
+            np.array([[preempted, over_budget]], np.int32), (jax.local_device_count(), 1)
+        )
+        return self._max(jax.make_array_from_process_local_data(self._rows, flags))
+
+    @staticmethod
+    def _reason(preempted: bool, over_budget: bool) -> str | None:
+        if preempted:
+            return "preempted"
+        return "time_budget" if over_budget else None
+
+    def at_boundary(self, preempted: bool, over_budget: bool) -> str | None:
+        """The agreed stop reason ("preempted", "time_budget") or None to go on. Every process
+        calls this once per train call; with several, it returns the previous call's vote."""
+        if jax.process_count() == 1:
+            return self._reason(preempted, over_budget)
+        decided, self._pending = self._pending, self._cast(preempted, over_budget)
+        if decided is None:
+            return None
+        return self._reason(*(bool(f) for f in np.asarray(decided.addressable_data(0))))
+
+    def now(self, preempted: bool) -> bool:
+        """Whether any process has seen SIGTERM, waiting for all of them to vote. Every process
+        calls this once, after the loop."""
+        if jax.process_count() == 1:
+            return preempted
+        return bool(np.asarray(self._cast(preempted, False).addressable_data(0))[0])
 
 
 def _format_eta(seconds: float) -> str:
@@ -135,8 +205,13 @@ def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
-    """Runs (or resumes) the stage `stage_name` (default `config.stage`) in `workdir/<stage>`."""
+    """Runs (or resumes) the stage `stage_name` (default `config.stage`) in `workdir/<stage>`.
+
+    Returns with status "preempted" when SIGTERM arrived while it trained, even during the final
+    checkpoint wait: the caller should then start no further work.
+    """
     t_start = time.time()
+    compilation_cache.setup(config, workdir)  # Before the first compile.
     stage = stage_lib.get(stage_name or config.stage)(config, workdir)
     tc = stage.train_config
     steps_per_call = steps_per_call_of(tc)  # A bad value fails before any data or jit work.
@@ -203,6 +278,7 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     budget = float(tc.get("time_budget_s", 0.0))
     step = start
     boundaries = _boundaries(tc)
+    vote = _StopVote()
     with _Preemption() as preemption, mesh:
         while step < num_steps:
             k = steps_in_next_call(step, steps_per_call, num_steps, boundaries)
@@ -218,11 +294,8 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
             acc_count += k
             report(step, time.time())
 
-            stop_reason = None
-            if preemption.requested:
-                stop_reason = "preempted"
-            elif budget > 0 and time.time() - t_start > budget:
-                stop_reason = "time_budget"
+            over_budget = budget > 0 and time.time() - t_start > budget
+            stop_reason = vote.at_boundary(preemption.requested, over_budget)
             is_last = step == num_steps or stop_reason is not None
             save_now = is_last or step % tc.checkpoint_every == 0
             if step % tc.log_every == 0 or save_now:
@@ -262,9 +335,12 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
                 status = stop_reason
                 _log(f"[{stage.name}] stopping at step {step} ({stop_reason}); checkpoint saved")
                 break
-    ckpt.close()
-    writer.flush()
-    writer.close()
+        # Still under the SIGTERM handler: a notice that arrives now waits for the last save.
+        ckpt.close()
+        writer.flush()
+        writer.close()
+        if vote.now(preemption.requested):
+            status = "preempted"
     return TrainResult(stage.name, step, status, last_metrics, time.time() - t_start)
 
 
