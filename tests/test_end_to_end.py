@@ -94,9 +94,13 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
         grid = np.asarray(Image.open(os.path.join(workdir, "samples", f"{split}.png")))
         assert grid.shape[0] >= 32 * 4 * len(prompts)
     assert report["checker_on_real_images"]["all"] == 1.0
-    saved = json.loads(open(os.path.join(workdir, "alignment.json")).read())
-    finite = lambda d: {k: v for k, v in d.items() if v == v}  # NaN: an attribute no prompt states.
+    text = open(os.path.join(workdir, "alignment.json")).read()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    # NaN (an attribute no prompt states) is written as null, so every JSON reader parses it.
+    finite = lambda d: {k: v for k, v in d.items() if v is not None and v == v}
     assert finite(saved["seen"]["scores"]) == finite(report["seen"]["scores"])
+    nan_keys = {k for k, v in report["seen"]["scores"].items() if v != v}
+    assert {k for k, v in saved["seen"]["scores"].items() if v is None} == nan_keys
     scalars = summaries.read_scalars(os.path.join(workdir, "eval"))
     np.testing.assert_allclose(
         scalars["alignment/seen/color"][6], report["seen"]["scores"]["color"], rtol=1e-6
