@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from muse_jax import storage  # noqa: E402
 from muse_jax.storage import StorageError  # noqa: E402
 
 
@@ -34,8 +35,6 @@ def require_positive(flag: str, value: int) -> int:
 
 def check_reachable(*paths: str | None) -> None:
     """Fails in one line, before any work, when a gs:// path's bucket cannot be reached."""
-    from muse_jax import storage
-
     for path in paths:
         if path:
             storage.check_reachable(path, "using")
