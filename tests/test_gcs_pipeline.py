@@ -5,14 +5,13 @@ the interrupted-and-resumed stage must equal an uninterrupted one to the bit."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.gcs_emulator import gcs_emulator
+from tests.processes import sigterm_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
@@ -65,23 +64,10 @@ def test_smoke_pipeline_on_a_gs_workdir(tmp_path):
         run = f"gs://{gcs.bucket}/run"
 
         # The tokenizer stage on gs://, stopped by SIGTERM after step 3, then resumed.
-        proc = subprocess.Popen(
-            [sys.executable, *_train(env, run, "tokenizer", *TOKENIZER)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        returncode, out = sigterm_after(
+            _train(env, run, "tokenizer", *TOKENIZER), "[tokenizer] step 3/8", env=env
         )
-        seen, deadline = [], time.time() + 300
-        for line in proc.stdout:
-            seen.append(line)
-            if "[tokenizer] step 3/8" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-            assert time.time() < deadline, "".join(seen)
-        out = "".join(seen) + proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0 and "(preempted); checkpoint saved" in out, out[-3000:]
+        assert returncode == 0 and "(preempted); checkpoint saved" in out, out[-3000:]
         assert "training steps 4 -> 8" not in out
         out = _run(env, *_train(env, run, "tokenizer", *TOKENIZER))
         assert "resumed from checkpoint step" in out and "completed at step 8" in out, out

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from muse_jax import compilation_cache, parallel
 from muse_jax.train import checkpoints, summaries, trainer
 from muse_jax.train.tokenizer_stage import TokenizerStage
+from tests.processes import sigterm_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
@@ -67,23 +67,8 @@ def test_sigterm_saves_and_resume_continues_with_identical_parameters(tmp_path):
         "--config.tokenizer.train.checkpoint_every=100000",
         "--config.tokenizer.train.summary_every=100000",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "muse_jax.train", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        seen.append(line)
-        if "[tokenizer] step 5/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(seen)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, "".join(seen) + out
+    returncode, out = sigterm_after(["-m", "muse_jax.train", *args], "[tokenizer] step 5/")
+    assert returncode == 0, out
     assert "preempted" in out
     ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(os.path.join(workdir, "tokenizer")))
     saved = ckpt.latest_step()
