@@ -36,3 +36,12 @@ if "muse_jax.host_memory" not in sys.orig_argv:
 
     if host_memory.muse_program():
         host_memory.reexec_with_hugepages()
+
+
+def __getattr__(name: str):
+    """`from muse_jax import MusePipeline` without importing JAX for every binary up front."""
+    if name in ("MusePipeline", "PipelineOutput", "EditOutput"):
+        from muse_jax import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'muse_jax' has no attribute {name!r}")

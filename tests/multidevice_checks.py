@@ -16,9 +16,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shapes_tiny  # noqa: E402
-from muse_jax import parallel  # noqa: E402
+from muse_jax import (
+    checkpoints,  # noqa: E402
+    parallel,  # noqa: E402
+)
 from muse_jax.data import shapes  # noqa: E402
-from muse_jax.train import checkpoints  # noqa: E402
 from muse_jax.train.base_stage import BaseStage  # noqa: E402
 from muse_jax.train.tokenizer_stage import TokenizerStage  # noqa: E402
 

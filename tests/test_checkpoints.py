@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
+from muse_jax import checkpoints
 from muse_jax.eval import alignment_eval, report
-from muse_jax.train import checkpoints, trainer
+from muse_jax.train import trainer
 
 PROMPTS = ["a large red circle on the left", "a small blue square"]
 

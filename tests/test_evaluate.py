@@ -99,7 +99,7 @@ def test_chunks_give_every_sampler_call_one_shape(smoke_config):
 
 
 def test_finalized_steps_skip_a_save_in_progress(tmp_path):
-    from muse_jax.train import checkpoints
+    from muse_jax import checkpoints
     from muse_jax.train.state import TrainState
 
     ckpt = checkpoints.Checkpointer(str(tmp_path), asynchronous=False)

@@ -28,7 +28,7 @@ _COMPARE = """
 import sys, jax, numpy as np
 from configs import shapes_tiny
 from muse_jax import parallel
-from muse_jax.train import checkpoints
+from muse_jax import checkpoints
 from muse_jax.train.tokenizer_stage import TokenizerStage
 config = shapes_tiny.get_config("smoke")
 states = []

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from muse_jax.train import checkpoints
+from muse_jax import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muse_jax import parallel
+from muse_jax import checkpoints, parallel
 from muse_jax.data import tasks
 from muse_jax.sampling.sampler import CascadeSampler
-from muse_jax.train import checkpoints, trainer
+from muse_jax.train import trainer
 from muse_jax.train.base_stage import BaseStage
 from muse_jax.train.decoder_stage import DecoderStage
 from muse_jax.train.superres_stage import SuperResStage

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from muse_jax import compilation_cache, parallel
-from muse_jax.train import checkpoints, summaries, trainer
+from muse_jax import checkpoints, compilation_cache, parallel
+from muse_jax.train import summaries, trainer
 from muse_jax.train.tokenizer_stage import TokenizerStage
 from tests.processes import sigterm_after
 

@@ -48,13 +48,21 @@ def train_shapes_vocabulary(path: str) -> str:
     return path
 
 
-def get_vocabulary(config, data_dir: str) -> seqio.Vocabulary:
-    """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'."""
+def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabulary:
+    """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'.
+
+    `create=False` (readers of a trained model) never writes: a missing shapes vocabulary is a
+    FileNotFoundError instead of a new file in someone's workdir.
+    """
     name = config.data.get("vocabulary", "shapes")
     if name == "shapes":
-        return seqio.SentencePieceVocabulary(
-            train_shapes_vocabulary(storage.join(data_dir, "shapes_words.model"))
-        )
+        path = storage.join(data_dir, "shapes_words.model")
+        if not create and not storage.exists(path):
+            raise FileNotFoundError(
+                f"No vocabulary at {path}: train the experiment first (its data build writes it), "
+                "or check --workdir."
+            )
+        return seqio.SentencePieceVocabulary(train_shapes_vocabulary(path))
     if name == "byte":
         return seqio.ByteVocabulary()
     if not storage.exists(name):

@@ -280,7 +280,7 @@ class Evaluator:
         """Evaluates each new finalized base checkpoint once, oldest first; returns the steps
         evaluated. Stops after the stage's final step (`base.train.num_steps`) is evaluated, or
         after `timeout_s` seconds without a new checkpoint."""
-        from muse_jax.train import checkpoints
+        from muse_jax import checkpoints
 
         directory = checkpoints.checkpoint_dir(storage.join(self.workdir, "base"))
         final = int(self.config.base.train.num_steps)
@@ -319,6 +319,6 @@ class Evaluator:
 def finalized_steps(directory: str) -> list[int]:
     """Sorted steps of the complete checkpoints in an orbax directory. A save in progress is a
     temporary directory (renamed to `<step>` only when complete), so it is never listed."""
-    from muse_jax.train import checkpoints
+    from muse_jax import checkpoints
 
     return checkpoints.finalized_steps(directory)

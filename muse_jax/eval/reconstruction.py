@@ -14,9 +14,8 @@ from muse_jax.train import losses
 
 def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int = 250) -> dict:
     """{'plain_db', 'finetuned_db', 'num_images', 'decoder_step'} on the test split."""
-    from muse_jax import parallel
+    from muse_jax import checkpoints, parallel
     from muse_jax.data import tasks
-    from muse_jax.train import checkpoints
     from muse_jax.train.decoder_stage import DecoderStage
 
     mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)

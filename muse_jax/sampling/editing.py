@@ -200,10 +200,12 @@ class TokenStage(Protocol):
 
 class SamplerStage:
     """A stage of the cascade from its sampler and params: the base stage's `MuseSampler`, or
-    the super-res stage's `SuperResSampler` (which also takes the lower stage's tokens)."""
+    the super-res stage's `SuperResSampler` (which also takes the lower stage's tokens).
+    `settings`: the sampler's decoding settings (default: its config's)."""
 
-    def __init__(self, sampler, params: dict[str, Any], image_size: int):
+    def __init__(self, sampler, params: dict[str, Any], image_size: int, settings=None):
         self.sampler, self.params, self.image_size = sampler, params, image_size
+        self.settings = settings
         self.mask_id = sampler.transformer.vocab_size
         self.grid = int(round(sampler.transformer.seq_len**0.5))
         tok = sampler.tokenizer
@@ -224,7 +226,7 @@ class SamplerStage:
             )
         init = jnp.asarray(init_tokens, jnp.int32)
         low = None if lower is None else jnp.asarray(lower, jnp.int32)
-        return self.sampler(self.params, cond, uncond, rng, init, low)
+        return self.sampler(self.params, cond, uncond, rng, init, low, self.settings)
 
 
 def resize(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:

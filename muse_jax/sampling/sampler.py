@@ -4,6 +4,12 @@ The text keys/values of every cross-attention layer are computed once per prompt
 decoding loop), and the conditional and unconditional (or negative-prompt) branches share one
 batch through the loop. `SuperResSampler` is the same loop over high-res tokens given low-res
 ones; `CascadeSampler` chains base -> super-res -> (fine-tuned) decoder in one jitted call.
+
+The config's sampling block gives each sampler its defaults; a call may override them with a
+`Settings`. Its guidance scale and temperatures are traced values, so changing them reuses the
+compiled program. The step count, schedules and whether guidance runs at all (scale 0 drops the
+unconditional branch and half the work) shape the program: each new value compiles once and
+stays in jit's cache.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from muse_jax.sampling import guidance, parallel_decode
 
@@ -34,6 +41,61 @@ class CascadeSample:
     lowres_images: jax.Array  # [B, H_low, W_low, 3]: the base stage alone.
 
 
+@flax.struct.dataclass
+class Settings:
+    """One sampling call's decoding settings. The floats are jit arguments (changing them
+    compiles nothing); the static fields are part of the compiled program's key."""
+
+    guidance_scale: jax.Array  # [] float32; 0 = no guidance (a program of its own)
+    temperature: jax.Array  # [] first-step token temperature
+    temperature_final: jax.Array  # [] last-step token temperature (linear in between)
+    choice_temperature: jax.Array  # [] Gumbel noise on confidences at the first step
+    num_steps: int = flax.struct.field(pytree_node=False)
+    mask_schedule: str = flax.struct.field(pytree_node=False, default="cosine")
+    guidance_schedule: str = flax.struct.field(pytree_node=False, default="linear")
+    guided: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> Settings:
+        """A config's sampling block with `overrides` (None values keep the config's)."""
+        values = {k: cfg.get(k) for k in _SETTING_KEYS}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(overrides) - set(_SETTING_KEYS)
+        if unknown:
+            raise TypeError(f"Unknown sampling settings {sorted(unknown)}; valid: {_SETTING_KEYS}.")
+        steps = int(values["num_steps"])
+        if steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {steps}.")
+        temperature = float(values["temperature"])
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        final = values.get("temperature_final")
+        scale = float(values["guidance_scale"])
+        if scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (0: no guidance), got {scale}.")
+        return cls(
+            guidance_scale=np.float32(scale),
+            temperature=np.float32(temperature),
+            temperature_final=np.float32(temperature if final is None else float(final)),
+            choice_temperature=np.float32(float(values["choice_temperature"])),
+            num_steps=steps,
+            mask_schedule=str(values.get("mask_schedule") or "cosine"),
+            guidance_schedule=str(values.get("guidance_schedule") or "linear"),
+            guided=scale > 0,
+        )
+
+
+_SETTING_KEYS = (
+    "guidance_scale",
+    "temperature",
+    "temperature_final",
+    "choice_temperature",
+    "num_steps",
+    "mask_schedule",
+    "guidance_schedule",
+)
+
+
 def _concat(a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
@@ -41,7 +103,8 @@ def _concat(a: Any, b: Any) -> Any:
 class MuseSampler:
     """Generates images from token ids of prompts with a trained base stage.
 
-    `params` passed to `__call__` is {'transformer', 'text_encoder', 'tokenizer'}.
+    `params` passed to `__call__` is {'transformer', 'text_encoder', 'tokenizer'}; the
+    config's sampling block (`sampling_cfg`) gives the default `Settings`.
     """
 
     def __init__(self, transformer, text_encoder, tokenizer, sampling_cfg):
@@ -49,6 +112,7 @@ class MuseSampler:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.cfg = sampling_cfg
+        self.settings = Settings.from_config(sampling_cfg)
         self._jitted = jax.jit(self._generate)
 
     def _encode(self, params: dict[str, Any], text: dict[str, jax.Array]) -> jax.Array:
@@ -72,12 +136,13 @@ class MuseSampler:
         rng: jax.Array,
         init_tokens: jax.Array,
         lowres_tokens: jax.Array | None = None,
+        settings: Settings | None = None,
     ) -> parallel_decode.DecodeResult:
         """The guided decoding loop alone (traceable: the cascade calls it inside its jit)."""
         chex.assert_trees_all_equal_shapes(cond, uncond)
-        cfg, tr = self.cfg, self.transformer
+        cfg, tr = settings or self.settings, self.transformer
         tp = {"params": params["transformer"]}
-        if cfg.guidance_scale > 0:
+        if cfg.guided:
             text = _concat(cond, uncond)
             if lowres_tokens is not None:  # Both branches see the same low-res tokens.
                 lowres_tokens = jnp.concatenate([lowres_tokens, lowres_tokens])
@@ -90,7 +155,7 @@ class MuseSampler:
         def logits_fn(tokens):
             return tr.apply(tp, tokens, kv, ctx_mask, method=tr.logits)
 
-        if cfg.guidance_scale > 0:
+        if cfg.guided:
             tokens_to_logits = guidance.guided(
                 logits_fn,
                 scale=cfg.guidance_scale,
@@ -116,8 +181,8 @@ class MuseSampler:
             {"params": params["tokenizer"]}, tokens, method=self.tokenizer.decode_ids
         )
 
-    def _generate(self, params, cond, uncond, rng, init_tokens, lowres_tokens) -> Sample:
-        result = self.tokens(params, cond, uncond, rng, init_tokens, lowres_tokens)
+    def _generate(self, params, cond, uncond, rng, init_tokens, lowres_tokens, settings) -> Sample:
+        result = self.tokens(params, cond, uncond, rng, init_tokens, lowres_tokens, settings)
         images = self.decode_pixels(params, result.tokens)
         return Sample(tokens=result.tokens, images=images, num_masked=result.num_masked)
 
@@ -133,6 +198,7 @@ class MuseSampler:
         rng: jax.Array,
         init_tokens: jax.Array | None = None,
         lowres_tokens: jax.Array | None = None,
+        settings: Settings | None = None,
     ) -> Sample:
         """Samples one image per row of the conditioning.
 
@@ -145,10 +211,12 @@ class MuseSampler:
           init_tokens: optional [B, L] tokens; positions equal to the mask id are generated, the
             others stay fixed (inpainting/outpainting). Default: everything generated.
           lowres_tokens: [B, L_low] base tokens (super-res samplers only).
+          settings: decoding settings (default: the config's, `self.settings`).
         """
         if init_tokens is None:
             init_tokens = self.masked(cond["text_mask"].shape[0])
-        return self._jitted(params, cond, uncond, rng, init_tokens, lowres_tokens)
+        settings = settings or self.settings
+        return self._jitted(params, cond, uncond, rng, init_tokens, lowres_tokens, settings)
 
 
 class SuperResSampler(MuseSampler):
@@ -175,11 +243,16 @@ class CascadeSampler:
         self.cfg = base.cfg
         self._jitted = jax.jit(self._generate)
 
-    def _generate(self, params, cond, uncond, rng, init_tokens, init_hr_tokens) -> CascadeSample:
+    def _generate(
+        self, params, cond, uncond, rng, init_tokens, init_hr_tokens, settings
+    ) -> CascadeSample:
         base_rng, sr_rng = jax.random.split(rng)
-        low = self.base.tokens(params["base"], cond, uncond, base_rng, init_tokens)
+        base_settings, sr_settings = settings
+        low = self.base.tokens(
+            params["base"], cond, uncond, base_rng, init_tokens, None, base_settings
+        )
         high = self.superres.tokens(
-            params["superres"], cond, uncond, sr_rng, init_hr_tokens, low.tokens
+            params["superres"], cond, uncond, sr_rng, init_hr_tokens, low.tokens, sr_settings
         )
         return CascadeSample(
             tokens=high.tokens,
@@ -197,12 +270,15 @@ class CascadeSampler:
         rng: jax.Array,
         init_tokens: jax.Array | None = None,
         init_hr_tokens: jax.Array | None = None,
+        settings: tuple[Settings, Settings] | None = None,
     ) -> CascadeSample:
         """As `MuseSampler.__call__`; `init_tokens` fixes base tokens, `init_hr_tokens` fixes
-        high-res tokens (mask id = generate)."""
+        high-res tokens (mask id = generate); `settings` is (base, super-res) `Settings`
+        (default: each stage's config)."""
         batch = cond["text_mask"].shape[0]
         if init_tokens is None:
             init_tokens = self.base.masked(batch)
         if init_hr_tokens is None:
             init_hr_tokens = self.superres.masked(batch)
-        return self._jitted(params, cond, uncond, rng, init_tokens, init_hr_tokens)
+        settings = settings or (self.base.settings, self.superres.settings)
+        return self._jitted(params, cond, uncond, rng, init_tokens, init_hr_tokens, settings)

@@ -35,9 +35,13 @@ def _table(directory: str) -> EmbeddingTable:
 
 
 class TextConditioner:
-    def __init__(self, config, workdir: str):
+    """Captions -> the model's text input. `create_vocab=False` (sampling a trained model) reads
+    the vocabulary and never writes one."""
+
+    def __init__(self, config, workdir: str, create_vocab: bool = True):
         self.config = config
         self.workdir = workdir
+        self.create_vocab = create_vocab
         directory = embeddings_dir(config)
         self.table = _table(os.fspath(storage.path(directory))) if directory else None
 
@@ -47,7 +51,9 @@ class TextConditioner:
 
     @functools.cached_property
     def vocab(self):
-        return vocabulary.get_vocabulary(self.config, tasks.data_dir(self.config, self.workdir))
+        return vocabulary.get_vocabulary(
+            self.config, tasks.data_dir(self.config, self.workdir), create=self.create_vocab
+        )
 
     def encode(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
         """Captions -> the model's text input (numpy, [N, S] / [N, S, D])."""

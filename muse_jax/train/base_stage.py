@@ -16,18 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from muse_jax import parallel, storage
+from muse_jax import checkpoints, parallel, stages
 from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
 from muse_jax.sampling.sampler import MuseSampler
 from muse_jax.text.conditioning import TextConditioner
-from muse_jax.train import checkpoints, losses, optim, stage, summaries
+from muse_jax.train import losses, optim, stage, summaries
 from muse_jax.train.state import TrainState
 
 
 def tokenizer_dir(config, workdir: str) -> str:
-    return storage.join(config.tokenizer_workdir or workdir, "tokenizer")
+    return stages.stage_dir(config, workdir, "tokenizer")
 
 
 def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, int]:

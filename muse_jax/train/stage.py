@@ -102,8 +102,7 @@ def load_trained(
 
     Raises FileNotFoundError with one clear line when that stage has no checkpoint.
     """
-    from muse_jax import parallel
-    from muse_jax.train import checkpoints
+    from muse_jax import checkpoints, parallel
 
     other = get(name)(config, workdir)
     abstract, _ = parallel.abstract_state(other.init, jax.random.PRNGKey(0), mesh, axis_rules)

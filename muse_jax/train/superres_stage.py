@@ -126,9 +126,8 @@ class SuperResStage(BaseStage):
 def load_cascade(config, workdir: str, base_step: int | None = None):
     """(CascadeSampler, params, {stage: checkpoint step}, conditioner) from the experiment's
     base, super-res and (when trained) fine-tuned decoder checkpoints."""
-    from muse_jax import parallel
+    from muse_jax import checkpoints, parallel
     from muse_jax.sampling.sampler import CascadeSampler
-    from muse_jax.train import checkpoints
     from muse_jax.train.base_stage import load_for_sampling
     from muse_jax.train.decoder_stage import DecoderStage
 

@@ -29,8 +29,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from muse_jax import compilation_cache, parallel, storage
-from muse_jax.train import checkpoints
+from muse_jax import checkpoints, compilation_cache, parallel, storage
 from muse_jax.train import stage as stage_lib
 
 

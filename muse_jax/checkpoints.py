@@ -6,6 +6,10 @@ A step is saved as two orbax items: `params` (what sampling, evaluation and expo
 and a damaged optimizer state does not block generation. Checkpoints of the older one-item
 layout (`default`) are still read.
 
+Readers may ask for part of the `params` item (`load_params(..., partial=True)`): the inference
+package reads a tokenizer's VQ model without its discriminator, so it needs to know nothing about
+how a stage trains.
+
 Directories go through `muse_jax.storage`: a `gs://` workdir is written to the bucket, never to
 a local `gs:` folder.
 """
@@ -18,7 +22,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from muse_jax import storage
-from muse_jax.train.state import TrainState
 
 _PARAMS, _REST = "params", "train_state"
 _LEGACY = "default"
@@ -65,7 +68,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState) -> None:
+    def save(self, step: int, state: Any) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -80,7 +83,7 @@ class Checkpointer:
     def _is_legacy(self, step: int) -> bool:
         return (self.directory / str(step) / _LEGACY).exists()
 
-    def _check_shapes(self, step: int, item: str, abstract: Any) -> None:
+    def _check_shapes(self, step: int, item: str, abstract: Any, partial: bool = False) -> None:
         """One clear refusal when the checkpoint's arrays differ from the config's model."""
         try:
             meta = self.manager.item_metadata(step)[item]
@@ -96,6 +99,8 @@ class Checkpointer:
             jax.tree_util.keystr(k): tuple(v.shape)
             for k, v in jax.tree_util.tree_leaves_with_path(abstract)
         }
+        if partial:
+            saved = {k: v for k, v in saved.items() if k in wanted}
         if not saved or saved == wanted:
             return
         where = self.directory / str(step)
@@ -113,7 +118,7 @@ class Checkpointer:
             "config that wrote it."
         )
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """The whole train state, restored onto the shardings carried by `abstract_state`
         (ShapeDtypeStructs); a checkpoint written on another mesh is resharded."""
         step = self.latest_step() if step is None else step
@@ -129,10 +134,16 @@ class Checkpointer:
                 }
             ),
         )
-        return TrainState(params=restored[_PARAMS], **restored[_REST])
+        return abstract_state.replace(params=restored[_PARAMS], **restored[_REST])
 
-    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-        """The trained parameters alone: the optimizer state is neither read nor needed."""
+    def restore_params(
+        self, abstract_params: Any, step: int | None = None, partial: bool = False
+    ) -> Any:
+        """The trained parameters alone: the optimizer state is neither read nor needed.
+
+        `partial`: `abstract_params` may name a subset of the saved tree (e.g. {'vq': ...} of a
+        tokenizer that also saved a discriminator); only that subset is read.
+        """
         step = self.latest_step() if step is None else step
         if self._is_legacy(step):
             item = {"params": abstract_params}
@@ -142,7 +153,20 @@ class Checkpointer:
                 partial_restore=True,
             )
             return self._restore_legacy(step, args)["params"]
-        self._check_shapes(step, _PARAMS, abstract_params)
+        self._check_shapes(step, _PARAMS, abstract_params, partial)
+        if partial:  # StandardRestore wants the whole tree; the PyTree handler reads a subset.
+            manager = ocp.CheckpointManager(
+                self.directory, item_handlers={_PARAMS: ocp.PyTreeCheckpointHandler()}
+            )
+            args = ocp.args.PyTreeRestore(
+                item=abstract_params,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+                partial_restore=True,
+            )
+            try:
+                return manager.restore(step, args=ocp.args.Composite(**{_PARAMS: args}))[_PARAMS]
+            finally:
+                manager.close()
         restored = self.manager.restore(
             step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract_params)})
         )
@@ -192,20 +216,25 @@ def _restore_latest(stage_dir: str, what: str, step: int | None, restore) -> tup
 
 
 def load_params(
-    stage_dir: str, abstract_params: Any, what: str, step: int | None = None
+    stage_dir: str,
+    abstract_params: Any,
+    what: str,
+    step: int | None = None,
+    partial: bool = False,
 ) -> tuple[Any, int]:
     """The parameters of a trained stage at `step` (default: its latest) and that step.
 
-    Only the `params` item is read. Raises FileNotFoundError with one clear line when the stage
-    has no checkpoint (or not that step); nothing is created on the way.
+    Only the `params` item is read (with `partial`, only the subtree `abstract_params` names).
+    Raises FileNotFoundError with one clear line when the stage has no checkpoint (or not that
+    step); nothing is created on the way.
     """
     return _restore_latest(
-        stage_dir, what, step, lambda ckpt, s: ckpt.restore_params(abstract_params, s)
+        stage_dir, what, step, lambda ckpt, s: ckpt.restore_params(abstract_params, s, partial)
     )
 
 
 def load_state(
-    stage_dir: str, abstract_state: TrainState, what: str, step: int | None = None
-) -> tuple[TrainState, int]:
+    stage_dir: str, abstract_state: Any, what: str, step: int | None = None
+) -> tuple[Any, int]:
     """The whole train state of a stage at `step` (default: its latest), optimizer included."""
     return _restore_latest(stage_dir, what, step, lambda ckpt, s: ckpt.restore(abstract_state, s))
