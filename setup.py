@@ -57,6 +57,8 @@ setup(
             "muse-embed=muse_jax.embed:run",
             "muse-edit=muse_jax.edit:run",
             "muse-evaluate=muse_jax.evaluate:run",
+            "muse-export=muse_jax.export:run",
+            "muse-serve=muse_jax.serve:run",
             "muse-sweep=muse_jax.sweep:main",
         ],
     },

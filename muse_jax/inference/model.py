@@ -211,6 +211,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
 def exported_config(directory: str, manifest: dict[str, Any]) -> ml_collections.ConfigDict:
     """config.json's model config, with the vocabulary file resolved inside `directory`."""
     config = ml_collections.ConfigDict(manifest["config"])
+    config.data.data_dir = ""  # Read by nothing: the vocabulary is a file or bytes.
     vocab = config.data.get("vocabulary", "byte")
     if vocab != "byte":
         config.data.vocabulary = storage.join(directory, vocab)
