@@ -76,60 +76,6 @@ def _open(path: str, what: str, mode: str):
         raise cli.UsageError(f"cannot read {what} {path!r}: {reason}") from None
 
 
-def fit_square(im, size: int, resample) -> tuple[np.ndarray, str | None]:
-    """PIL image -> array [size, size, ...]: shorter side scaled to `size`, centre-cropped."""
-    w, h = im.size
-    if (w, h) == (size, size):
-        return np.asarray(im), None
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), resample)
-    x, y = (nw - size) // 2, (nh - size) // 2
-    note = f"resized {w}x{h} to {nw}x{nh}"
-    if (nw, nh) != (size, size):
-        note += f" and centre-cropped to {size}x{size}"
-    return np.asarray(im.crop((x, y, x + size, y + size))), note
-
-
-def load_inputs(
-    mode: str, image_path: str, mask_path: str | None, pad: str | None, size: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(uint8 image [S, S, 3], pixel mask bool [S, S] or None for maskfree), with notes."""
-    from PIL import Image
-
-    from muse_jax.sampling import editing
-
-    im = _open(image_path, "image", "RGB")
-    if mode == "outpaint":
-        if not pad:
-            raise cli.UsageError("--mode=outpaint needs --pad=left,top,right,bottom (pixels).")
-        image, mask = editing.outpaint_canvas(np.asarray(im), editing.parse_pad(pad), size)
-        w, h = im.size
-        print(f"note: {w}x{h} image padded by {pad} and fitted into the model's {size}x{size}")
-        return image, mask
-    image, note = fit_square(im, size, Image.Resampling.LANCZOS)
-    if note:
-        print(f"note: input image {note} (the model's resolution)")
-    if mode == "maskfree":
-        return image, None
-    if not mask_path:
-        raise cli.UsageError("--mode=inpaint needs --mask=MASK.png (white = re-generate).")
-    m = _open(mask_path, "mask", "L")
-    if m.size == im.size:
-        mask, _ = fit_square(m, size, Image.Resampling.NEAREST)
-    elif m.size == (size, size):
-        mask = np.asarray(m)
-    else:
-        raise cli.UsageError(
-            f"mask is {m.size[0]}x{m.size[1]} but the image is {im.size[0]}x{im.size[1]}: give a "
-            f"mask of the image's size or the model's {size}x{size}."
-        )
-    mask = mask >= 128
-    if not mask.any():
-        raise cli.UsageError(f"mask {mask_path!r} has no white pixels: nothing to re-generate.")
-    return image, mask
-
-
 def main(argv):
     cli.check_no_extra_args(argv)
     prompt = cli.require_prompt(_PROMPT.value)
@@ -141,80 +87,79 @@ def main(argv):
     cascade = (_STAGES.value or ("cascade" if has_cascade(config) else "base")) == "cascade"
     if cascade and not has_cascade(config):
         raise cli.UsageError("--stages=cascade needs config.superres and data.hr_image_size > 0.")
-    size = config.data.hr_image_size if cascade else config.data.image_size
-    image, mask = load_inputs(_MODE.value, _IMAGE.value, _MASK.value, _PAD.value, size)
+    mode = _MODE.value
+    image = _open(_IMAGE.value, "image", "RGB")
+    mask = None
+    if mode == "inpaint":
+        if not _MASK.value:
+            raise cli.UsageError("--mode=inpaint needs --mask=MASK.png (white = re-generate).")
+        mask = _open(_MASK.value, "mask", "L")
+    if mode == "outpaint" and not _PAD.value:
+        raise cli.UsageError("--mode=outpaint needs --pad=left,top,right,bottom (pixels).")
+    if not storage.isdir(_WORKDIR.value):
+        raise cli.UsageError(f"--workdir {_WORKDIR.value!r} does not exist.")
 
-    import jax
-
-    from muse_jax.eval import alignment, report
+    from muse_jax.eval import alignment_eval
+    from muse_jax.inference import images as images_lib
+    from muse_jax.inference.pipeline import MusePipeline
     from muse_jax.sampling import editing
-    from muse_jax.train import summaries
 
+    stages = "cascade" if cascade else "base"
     try:
-        sampler, params, steps, conditioner = report.load_sampler(config, _WORKDIR.value, cascade)
+        pipe = MusePipeline.from_workdir(
+            config, _WORKDIR.value, stages=stages, batch_size=max(16, _NUM.value)
+        )
     except FileNotFoundError as e:
         hint = " (or edit with the base stage alone: --stages=base)" if cascade else ""
         raise cli.UsageError(f"{e}{hint}") from None
-    step = steps["base"]
-    if cascade:
-        stages = [
-            editing.SamplerStage(sampler.base, params["base"], config.data.image_size),
-            editing.SamplerStage(sampler.superres, params["superres"], size),
-        ]
+    kwargs = dict(
+        num_images=_NUM.value,
+        negative_prompt=_NEGATIVE.value,
+        seed=_SEED.value,
+        feather=_FEATHER.value,
+    )
+    if mode == "inpaint":
+        out = pipe.inpaint(image, mask, prompt, dilation=_DILATION.value, **kwargs)
+    elif mode == "outpaint":
+        out = pipe.outpaint(image, _PAD.value, prompt, dilation=_DILATION.value, **kwargs)
     else:
-        stages = [editing.SamplerStage(sampler, params, size)]
-    n = _NUM.value
-    neg = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
-    cond = conditioner.encode([prompt] * n)
-    uncond = {k: np.repeat(v, n, 0) for k, v in conditioner.encode([neg]).items()}
-    images = np.repeat(image[None].astype(np.float32) / 127.5 - 1.0, n, 0)
-    rng = jax.random.PRNGKey(_SEED.value)
-    if _MODE.value == "maskfree":
-        res = editing.maskfree_edit(
-            stages,
-            images,
-            cond,
-            uncond,
-            rng,
+        out = pipe.edit(
+            image,
+            prompt,
             iterations=_ITERATIONS.value,
             resample_fraction=_FRACTION.value,
-            feather=_FEATHER.value,
+            **kwargs,
         )
-    else:
-        res = editing.edit_with_mask(
-            stages,
-            images,
-            np.repeat(mask[None], n, 0),
-            cond,
-            uncond,
-            rng,
-            dilation=_DILATION.value,
-            feather=_FEATHER.value,
-        )
-    out = summaries.to_uint8(res.images)
-    for i, img in enumerate(out):
+    for note in out.notes:
+        print(f"note: {note}")
+    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    size = out.input_array.shape[0]
+    res = out.result
+    for i, img in enumerate(out.array):
         storage.save_png(img, storage.join(_OUT.value, f"edit_{i:03d}.png"))
-    storage.save_png(image, storage.join(_OUT.value, "input.png"))
+    storage.save_png(out.input_array, storage.join(_OUT.value, "input.png"))
     # Mask panel: the token region the model re-drew (grey) and the pixel mask (white).
-    tmask = res.token_masks[0][0]
-    panel = editing.token_mask_to_pixels(tmask[None], stages[0].grid, size)[0]
-    panel = (panel * 96 + (mask if mask is not None else 0) * 159).astype(np.uint8)
+    grid_side = int(round(res.token_masks[0].shape[1] ** 0.5))
+    panel = editing.token_mask_to_pixels(res.token_masks[0][:1], grid_side, size)[0]
+    pixel_mask = out.mask if out.mask is not None else 0
+    panel = (panel * 96 + pixel_mask * 159).astype(np.uint8)
     storage.save_png(panel, storage.join(_OUT.value, "mask.png"))
-    row = np.concatenate([image[None], np.repeat(panel[None, ..., None], 3, -1), out])
+    row = np.concatenate(
+        [out.input_array[None], np.repeat(panel[None, ..., None], 3, -1), out.array]
+    )
     storage.save_png(
-        summaries.upscale(summaries.grid(row, len(row)), max(1, 128 // size)),
+        images_lib.upscale(images_lib.grid(row, len(row)), max(1, 128 // size)),
         storage.join(_OUT.value, "grid.png"),
     )
-    try:
-        scores = alignment.score(out, [prompt] * n)
-    except ValueError:  # Prompts outside the shapes grammar cannot be checked.
-        scores = {}
+    n = _NUM.value
+    scores = alignment_eval.score_or_empty(out.array, [prompt] * n)
+    neg = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
     record = {
-        "mode": _MODE.value,
+        "mode": mode,
         "prompt": prompt,
         "negative_prompt": neg,
         "seed": _SEED.value,
-        "base_step": step,
+        "base_step": steps["base"],
         "steps": steps,
         "image_size": size,
         "num_samples": n,
@@ -223,16 +168,16 @@ def main(argv):
         "tokens_resampled": [int(m.sum()) for m in res.token_masks[0]],
         "alignment": scores,
     }
-    if _MODE.value == "maskfree":
+    if mode == "maskfree":
         record.update(
             iterations=_ITERATIONS.value,
             resample_fraction=_FRACTION.value,
             changed_per_iteration=[c.tolist() for c in res.changed_per_iteration],
         )
-    if _MODE.value == "outpaint":
+    if mode == "outpaint":
         record["pad"] = _PAD.value
     storage.write_json(storage.join(_OUT.value, "edit.json"), record)
-    print(f"wrote {n} {_MODE.value} edits and grid.png to {_OUT.value} (base step {step})")
+    print(f"wrote {n} {mode} edits and grid.png to {_OUT.value} (base step {steps['base']})")
     if scores:
         print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "count"))
     return 0

@@ -65,10 +65,10 @@ def main(argv):
         raise cli.UsageError("--step and --watch exclude each other.")
     cli.check_reachable(_WORKDIR.value)
     from muse_jax.eval import evaluator
-    from muse_jax.train import superres_stage
+    from muse_jax.stages import has_cascade
 
     config = _CONFIG.value
-    cascade = superres_stage.has_cascade(config)
+    cascade = has_cascade(config)
     if _STAGES.value == "cascade" and not cascade:
         raise cli.UsageError(
             "--stages=cascade needs config.superres and config.data.hr_image_size > 0."

@@ -12,6 +12,11 @@ alignment score). Sampler settings are config keys, one block per stage:
 `--config.sampling.guidance_scale=3 --config.sampling.num_steps=24` (base),
 `--config.superres.sampling.num_steps=8 --config.superres.sampling.temperature=1` (super-res),
 `--config.sampling.negative_prompt="a blue square"`.
+
+Images are generated in batches of `--batch_size` and written as each batch finishes, so memory
+does not grow with `--num_samples`; a request over `--max_images` is refused before any work.
+The same seed and batch size reproduce the same images. This binary is a thin user of the
+Python API (`muse_jax.MusePipeline`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt.")
 _NUM = flags.DEFINE_integer("num_samples", 8, "Images to generate.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where PNGs are written.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces the images.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per sampler call (bounds memory).")
+_MAX = flags.DEFINE_integer("max_images", 1024, "Refuse requests for more images than this.")
+_GRID_MAX = 64  # grid.png shows at most this many images.
 _STAGES = flags.DEFINE_enum(
     "stages",
     None,
@@ -37,17 +45,21 @@ _STAGES = flags.DEFINE_enum(
 
 
 def _save_grid(images, path: str) -> None:
-    from muse_jax.train import summaries
+    from muse_jax.inference import images as images_lib
 
-    columns = min(8, len(images))
-    scale = max(1, 128 // images.shape[1])
-    storage.save_png(summaries.upscale(summaries.grid(images, columns), scale), path)
+    storage.save_png(images_lib.preview_grid(images[:_GRID_MAX]), path)
 
 
 def main(argv):
     cli.check_no_extra_args(argv)
     prompt = cli.require_prompt(_PROMPT.value)
     cli.require_positive("num_samples", _NUM.value)
+    cli.require_positive("batch_size", _BATCH.value)
+    if _NUM.value > _MAX.value:
+        raise cli.UsageError(
+            f"--num_samples={_NUM.value} is over --max_images={_MAX.value}: raise the ceiling "
+            "or split the request."
+        )
     cli.check_reachable(_WORKDIR.value, _OUT.value)
     from muse_jax.stages import has_cascade
 
@@ -57,50 +69,56 @@ def main(argv):
         raise cli.UsageError(
             "--stages=cascade needs config.superres and config.data.hr_image_size > 0."
         )
-    from muse_jax.eval import alignment_eval, report
+    if not storage.isdir(_WORKDIR.value):
+        raise cli.UsageError(f"--workdir {_WORKDIR.value!r} does not exist.")
+    import numpy as np
+
+    from muse_jax.eval import alignment_eval
+    from muse_jax.inference.pipeline import MusePipeline
 
     try:
-        sampler, params, steps, conditioner = report.load_sampler(
-            config, _WORKDIR.value, stages == "cascade"
+        pipe = MusePipeline.from_workdir(
+            config, _WORKDIR.value, stages=stages, batch_size=_BATCH.value, max_images=_MAX.value
         )
     except FileNotFoundError as e:
         hint = " (or sample the base stage alone: --stages=base)" if stages == "cascade" else ""
         raise cli.UsageError(f"{e}{hint}") from None
-    out = alignment_eval.generate(
-        config,
-        sampler,
-        params,
-        conditioner,
-        [prompt],
-        samples_per_prompt=_NUM.value,
-        seed=_SEED.value,
-    )
-    for i, image in enumerate(out.images):
-        storage.save_png(image, storage.join(_OUT.value, f"sample_{i:03d}.png"))
-    _save_grid(out.images, storage.join(_OUT.value, "grid.png"))
+    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    shown, shown_low, written = [], [], 0
+    for part in pipe.generate([prompt], num_images_per_prompt=_NUM.value, seed=_SEED.value):
+        for image in part.array:
+            storage.save_png(image, storage.join(_OUT.value, f"sample_{written:03d}.png"))
+            written += 1
+        shown.append(part.array)
+        if part.lowres_array is not None:
+            shown_low.append(part.lowres_array)
+        print(f"[sample] {written}/{_NUM.value} images written", flush=True)
+    images = np.concatenate(shown)
+    _save_grid(images, storage.join(_OUT.value, "grid.png"))
+    scores = alignment_eval.score_or_empty(images, [prompt] * len(images))
     record = {
         "prompt": prompt,
         "seed": _SEED.value,
+        "batch_size": _BATCH.value,
         "stages": stages,
         "steps": steps,
         "base_step": steps["base"],
         "num_samples": _NUM.value,
-        "image_size": int(out.images.shape[1]),
-        "alignment": out.scores,
+        "image_size": int(images.shape[1]),
+        "alignment": scores,
     }
-    if out.lowres_images is not None:
-        _save_grid(out.lowres_images, storage.join(_OUT.value, "grid_base.png"))
-        record["base_alignment"] = out.lowres_scores
+    if shown_low:
+        low = np.concatenate(shown_low)
+        _save_grid(low, storage.join(_OUT.value, "grid_base.png"))
+        record["base_alignment"] = alignment_eval.score_or_empty(low, [prompt] * len(low))
     storage.write_json(storage.join(_OUT.value, "samples.json"), record)
-    size = out.images.shape[1]
+    size = images.shape[1]
     print(
-        f"wrote {len(out.images)} samples ({size}x{size}, {stages}) and grid.png to "
+        f"wrote {written} samples ({size}x{size}, {stages}) and grid.png to "
         f"{_OUT.value} (checkpoint steps {steps})"
     )
-    if out.scores:
-        print(
-            "alignment: " + " ".join(f"{k}={v:.3f}" for k, v in out.scores.items() if k != "count")
-        )
+    if scores:
+        print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "count"))
     return 0
 
 

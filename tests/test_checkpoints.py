@@ -11,18 +11,15 @@ import numpy as np
 import pytest
 
 from muse_jax import checkpoints
-from muse_jax.eval import alignment_eval, report
+from muse_jax.inference.pipeline import MusePipeline
 from muse_jax.train import trainer
 
 PROMPTS = ["a large red circle on the left", "a small blue square"]
 
 
 def _images(config, workdir: str, cascade: bool) -> np.ndarray:
-    sampler, params, _, conditioner = report.load_sampler(config, workdir, cascade)
-    out = alignment_eval.generate(
-        config, sampler, params, conditioner, PROMPTS, samples_per_prompt=1, seed=3
-    )
-    return out.images
+    pipe = MusePipeline.from_workdir(config, workdir, stages="cascade" if cascade else "base")
+    return pipe(PROMPTS, seed=3).array
 
 
 @pytest.mark.slow
@@ -52,7 +49,7 @@ def test_a_workdir_of_another_model_is_refused_in_one_line(trained_smoke, tmp_pa
     other = config.copy_and_resolve_references()
     other.base.model.mlp_dim = 2 * other.base.model.mlp_dim
     with pytest.raises(checkpoints.IncompatibleCheckpointError) as err:
-        report.load_sampler(other, workdir, cascade=False)
+        MusePipeline.from_workdir(other, workdir, stages="base")
     message = str(err.value)
     assert "\n" not in message and "another model configuration" in message
     assert os.path.join(workdir, "base", "checkpoints") in message and "shape" in message

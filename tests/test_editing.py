@@ -96,11 +96,11 @@ def test_maskfree_changes_at_most_the_fraction_per_iteration():
 
 @pytest.fixture(scope="module")
 def smoke_model(trained_smoke):
-    from muse_jax.train import base_stage
+    from muse_jax.inference import model as model_lib
 
     config, workdir = trained_smoke
-    sampler, params, _, conditioner = base_stage.load_for_sampling(config, workdir)
-    return config, sampler, params, conditioner
+    model = model_lib.from_workdir(config, workdir, stages="base")
+    return config, model.base_sampler, model.params["base"], model.conditioner
 
 
 def _scene_batch(n: int, size: int, seed: int = 0):
@@ -246,12 +246,12 @@ def test_inpainting_a_shape_with_another_colour_gives_that_colour():
     from configs import shapes_tiny
     from muse_jax.data import shapes
     from muse_jax.eval import alignment
-    from muse_jax.train import base_stage, summaries
+    from muse_jax.inference import images as summaries
+    from muse_jax.inference import model as model_lib
 
     config = shapes_tiny.get_config()
-    sampler, params, _, conditioner = base_stage.load_for_sampling(
-        config, os.environ["MUSE_EDIT_WORKDIR"]
-    )
+    model = model_lib.from_workdir(config, os.environ["MUSE_EDIT_WORKDIR"], stages="base")
+    sampler, params, conditioner = model.base_sampler, model.params["base"], model.conditioner
     size, rng = config.data.image_size, np.random.default_rng(0)
     images, masks, targets = [], [], []
     for caption in _SOURCES:

@@ -260,26 +260,20 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
 
 @pytest.mark.slow
 def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_run, weights):
-    from muse_jax.eval import alignment, alignment_eval, clip, report
+    from muse_jax.eval import alignment, alignment_eval, clip
+    from muse_jax.inference.pipeline import MusePipeline
 
     workdir, _, record, _ = cascade_run
     config = _config(weights)
-    sampler, params, steps, conditioner = report.load_sampler(config, workdir, cascade=True)
+    pipe = MusePipeline.from_workdir(config, workdir, stages="cascade", batch_size=64)
+    steps, params = pipe.steps, pipe.model.params
     assert steps["base"] == record["step"]
     seen = alignment_eval.generate(
-        config,
-        sampler,
-        params,
-        conditioner,
-        list(config.eval.seen_prompts),
-        samples_per_prompt=2,
-        seed=1,
+        pipe, list(config.eval.seen_prompts), samples_per_prompt=2, seed=1
     )
     # The held-out group (1 prompt) is padded to the seen group's 2 prompts: one sampler shape.
     held_prompt = config.eval.held_out_prompts[0]
-    held = alignment_eval.generate(
-        config, sampler, params, conditioner, [held_prompt] * 2, samples_per_prompt=2, seed=1
-    )
+    held = alignment_eval.generate(pipe, [held_prompt] * 2, samples_per_prompt=2, seed=1)
     values = record["metrics"]
     expected = {
         "seen": _finite(seen.scores),
@@ -294,13 +288,14 @@ def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_ru
     score = clip.CLIPScorer.from_pretrained(weights["clip"], batch_size=8).score(images, captions)
     assert values["clip_score"] == pytest.approx(score.clip_score, rel=1e-5)
     # `step` swaps in an older base checkpoint; the other stages stay at their latest.
-    _, older, older_steps, _ = report.load_sampler(config, workdir, cascade=True, step=3)
+    older_pipe = MusePipeline.from_workdir(config, workdir, stages="cascade", base_step=3)
+    older, older_steps = older_pipe.model.params, older_pipe.steps
     assert older_steps == {**steps, "base": 3}
     pairs = [zip(jax.tree.leaves(older[k]), jax.tree.leaves(params[k])) for k in params]
     same = {k: all(np.array_equal(a, b) for a, b in p) for k, p in zip(params, pairs)}
     assert same == {"base": False, "superres": True}
     with pytest.raises(FileNotFoundError, match="No base checkpoint at step 4 .*has \\[3, 6\\]"):
-        report.load_sampler(config, workdir, cascade=True, step=4)
+        MusePipeline.from_workdir(config, workdir, stages="cascade", base_step=4)
 
 
 @pytest.mark.slow

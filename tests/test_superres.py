@@ -215,15 +215,16 @@ def test_inpainting_through_the_cascade_keeps_unmasked_tokens_and_pixels(trained
     from PIL import Image
 
     from muse_jax.data import shapes
-    from muse_jax.eval import report
+    from muse_jax.inference import model as model_lib
     from muse_jax.sampling import editing
 
     config, workdir = trained_cascade
-    sampler, params, _, conditioner = report.load_sampler(config, workdir, cascade=True)
+    model = model_lib.from_workdir(config, workdir, stages="cascade")
+    params, conditioner = model.params, model.conditioner
     lr, hr = config.data.image_size, config.data.hr_image_size
     stages = [
-        editing.SamplerStage(sampler.base, params["base"], lr),
-        editing.SamplerStage(sampler.superres, params["superres"], hr),
+        editing.SamplerStage(model.base_sampler, params["base"], lr),
+        editing.SamplerStage(model.superres_sampler, params["superres"], hr),
     ]
     scene = shapes.scene_from_caption("a large red circle in the center", np.random.default_rng(0))
     image = shapes.render(scene, hr).astype(np.float32)[None] / 127.5 - 1

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from muse_jax.eval import alignment_eval
+from muse_jax.inference.pipeline import MusePipeline
 from muse_jax.models import t5
 from muse_jax.text import embeddings, precompute, safetensors_t5
 from muse_jax.text.conditioning import TextConditioner
-from muse_jax.train import base_stage, trainer
+from muse_jax.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,11 @@ def test_frozen_t5_in_the_graph_trains_the_base_stage_and_stays_frozen(
     config = _t5_config(smoke_workdir, checkpoint)
     result = trainer.train(config, str(tmp_path), "base")
     assert result.status == "completed" and np.isfinite(result.metrics["loss"])
-    sampler, params, step, conditioner = base_stage.load_for_sampling(config, str(tmp_path))
-    assert step == config.base.train.num_steps
+    pipe = MusePipeline.from_workdir(config, str(tmp_path), stages="base")
+    params = pipe.model.params["base"]
+    assert pipe.steps["base"] == config.base.train.num_steps
     jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], reference)
-    out = alignment_eval.generate(
-        config, sampler, params, conditioner, ["a red circle"], samples_per_prompt=2, seed=0
-    )
+    out = alignment_eval.generate(pipe, ["a red circle"], samples_per_prompt=2, seed=0)
     assert out.images.shape == (2, 32, 32, 3)
 
 
@@ -96,16 +96,11 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     config.base.text_embeddings = table_dir
     result = trainer.train(config, workdir, "base")
     assert result.status == "completed" and np.isfinite(result.metrics["loss"])
-    sampler, sparams, _, conditioner = base_stage.load_for_sampling(config, workdir)
+    pipe = MusePipeline.from_workdir(config, workdir, stages="base", batch_size=64)
+    sparams, conditioner = pipe.model.params["base"], pipe.model.conditioner
     assert "text_encoder" not in sparams and conditioner.precomputed
     out = alignment_eval.generate(
-        config,
-        sampler,
-        sparams,
-        conditioner,
-        list(config.eval.seen_prompts),
-        samples_per_prompt=2,
-        seed=0,
+        pipe, list(config.eval.seen_prompts), samples_per_prompt=2, seed=0
     )
     assert out.images.shape[0] == 2 * len(config.eval.seen_prompts)
     with pytest.raises(embeddings.UnknownCaptionError, match="not in the precomputed text"):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from muse_jax.eval import alignment
-from muse_jax.train import summaries
 
 
 @dataclasses.dataclass
@@ -23,39 +21,35 @@ class Generated:
 
 
 def generate(
-    config,
-    sampler,
-    params,
-    conditioner,
+    pipe,
     prompts: list[str],
     *,
     samples_per_prompt: int,
     seed: int,
     negative_prompt: str | None = None,
+    stages: str | None = None,
 ) -> Generated:
-    """`samples_per_prompt` images for each prompt in one batch, with their alignment scores."""
-    for p in prompts:
-        if not p.strip():
-            raise ValueError("Empty prompt: give a caption, e.g. --prompt='a red circle'.")
-    captions = [p for p in prompts for _ in range(samples_per_prompt)]
-    neg = config.sampling.negative_prompt if negative_prompt is None else negative_prompt
-    cond = conditioner.encode(captions)
-    uncond = {k: np.repeat(v, len(captions), 0) for k, v in conditioner.encode([neg]).items()}
-    out = sampler(params, cond, uncond, jax.random.PRNGKey(seed))
-    images = summaries.to_uint8(np.asarray(out.images))
-    low = getattr(out, "lowres_images", None)
-    low = None if low is None else summaries.to_uint8(np.asarray(low))
+    """`samples_per_prompt` images for each prompt from a `MusePipeline`, with their alignment
+    scores (batches of the pipeline's `batch_size`)."""
+    out = pipe(
+        prompts,
+        num_images_per_prompt=samples_per_prompt,
+        seed=seed,
+        negative_prompt=negative_prompt,
+        stages=stages,
+    )
+    low = out.lowres_array
     return Generated(
-        images=images,
-        captions=captions,
-        tokens=np.asarray(out.tokens),
-        scores=_score(images, captions),
+        images=out.array,
+        captions=out.captions,
+        tokens=out.tokens,
+        scores=score_or_empty(out.array, out.captions),
         lowres_images=low,
-        lowres_scores=None if low is None else _score(low, captions),
+        lowres_scores=None if low is None else score_or_empty(low, out.captions),
     )
 
 
-def _score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
+def score_or_empty(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     try:
         return alignment.score(images, captions)
     except ValueError:  # Prompts outside the shapes grammar cannot be checked.
@@ -71,7 +65,7 @@ def subset(generated: Generated, rows: slice) -> Generated:
         images=images,
         captions=captions,
         tokens=generated.tokens[rows],
-        scores=_score(images, captions),
+        scores=score_or_empty(images, captions),
         lowres_images=low,
-        lowres_scores=None if low is None else _score(low, captions),
+        lowres_scores=None if low is None else score_or_empty(low, captions),
     )

@@ -97,16 +97,9 @@ def _generate(config, loaded, chunk: Chunk) -> metrics_lib.Batch:
     """Images of one chunk's prompts (the padding's images dropped)."""
     from muse_jax.eval import alignment_eval
 
-    sampler, params, _, conditioner = loaded
     real = len(chunk.prompts) * chunk.samples_per_prompt
     out = alignment_eval.generate(
-        config,
-        sampler,
-        params,
-        conditioner,
-        chunk.padded(),
-        samples_per_prompt=chunk.samples_per_prompt,
-        seed=chunk.seed,
+        loaded, chunk.padded(), samples_per_prompt=chunk.samples_per_prompt, seed=chunk.seed
     )
     low = None if out.lowres_images is None else out.lowres_images[:real]
     return metrics_lib.Batch(out.images[:real], out.captions[:real], chunk.group, low)
@@ -119,7 +112,7 @@ def captioned_grid(
     neighbour) above its caption, wrapped to `lines` lines in PIL's default font."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from muse_jax.train import summaries
+    from muse_jax.inference import images as summaries
 
     n, h, w, _ = images.shape
     scale = max(1, cell // max(h, w))
@@ -188,11 +181,20 @@ class Evaluator:
 
     def evaluate(self, step: int | None = None) -> dict:
         """Evaluates the base checkpoint `step` (default: the latest); returns the JSON record."""
-        from muse_jax.eval import report
+        from muse_jax.inference.pipeline import MusePipeline
 
         t0 = time.perf_counter()
-        loaded = report.load_sampler(self.config, self.workdir, self.cascade, step)
-        steps = loaded[2]
+        ev = self.config.eval
+        loaded = MusePipeline.from_workdir(
+            self.config,
+            self.workdir,
+            stages="cascade" if self.cascade else "base",
+            base_step=step,
+            # Every chunk is one sampler call (see `chunks`).
+            batch_size=max(int(ev.batch_size), int(ev.get("samples_per_prompt", 1))),
+            max_images=1 << 30,
+        )
+        steps = {k: v for k, v in loaded.steps.items() if k in ("base", "superres", "decoder")}
         step = int(steps["base"])
         wall = {"load": time.perf_counter() - t0, "generate": 0.0}
         self._prepare()  # After the checkpoint loads: a missing one fails before this work.

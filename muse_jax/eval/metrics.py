@@ -296,7 +296,7 @@ def reference_images(setup: Setup, split: str, count: int, batch_size: int) -> I
     """The first `count` real images of `split` (centre crops, as the generated images' size)
     as uint8 batches; fewer in the split is a ValueError."""
     from muse_jax.data import tasks
-    from muse_jax.train import summaries
+    from muse_jax.inference import images as summaries
 
     seen = 0
     for batch in tasks.batches(

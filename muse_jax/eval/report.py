@@ -13,49 +13,35 @@ from muse_jax import storage
 ATTRIBUTES = ("color", "shape", "size", "position", "all")
 
 
-def load_sampler(config, workdir: str, cascade: bool, step: int | None = None):
-    """(sampler, params, {stage: step}, conditioner) for the base stage or the cascade.
-
-    `step` picks the base stage's checkpoint (default: its latest); the other stages use their
-    latest. Only parameters are read.
-    """
-    from muse_jax.train import base_stage, superres_stage
-
-    if cascade:
-        return superres_stage.load_cascade(config, workdir, base_step=step)
-    sampler, params, step, conditioner = base_stage.load_for_sampling(config, workdir, step)
-    return sampler, params, {"base": step}, conditioner
-
-
 def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     """Samples the config's seen and held-out prompts; writes grids, JSON and TensorBoard."""
     from clu import metric_writers
 
     from muse_jax.data import shapes
     from muse_jax.eval import alignment, alignment_eval
-    from muse_jax.train import summaries
+    from muse_jax.inference import images as summaries
+    from muse_jax.inference.pipeline import MusePipeline
 
-    sampler, params, steps, conditioner = load_sampler(config, workdir, cascade)
-    step = steps["superres"] if cascade else steps["base"]
-    writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
-    report: dict = {"steps": steps, "sampling": config.sampling.to_dict(), "cascade": cascade}
-    if cascade:
-        report["superres_sampling"] = config.superres.sampling.to_dict()
     n = config.eval.samples_per_prompt
     splits = (
         ("seen", list(config.eval.seen_prompts)),
         ("held_out", list(config.eval.held_out_prompts)),
     )
+    every_prompt = [p for _, prompts in splits for p in prompts]
     # One sampler call (one compilation) for every prompt, then split by prompt group.
-    every = alignment_eval.generate(
+    pipe = MusePipeline.from_workdir(
         config,
-        sampler,
-        params,
-        conditioner,
-        [p for _, prompts in splits for p in prompts],
-        samples_per_prompt=n,
-        seed=1,
+        workdir,
+        stages="cascade" if cascade else "base",
+        batch_size=n * len(every_prompt),
     )
+    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    step = steps["superres"] if cascade else steps["base"]
+    writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
+    report: dict = {"steps": steps, "sampling": config.sampling.to_dict(), "cascade": cascade}
+    if cascade:
+        report["superres_sampling"] = config.superres.sampling.to_dict()
+    every = alignment_eval.generate(pipe, every_prompt, samples_per_prompt=n, seed=1)
     start = 0
     for split, prompts in splits:
         out = alignment_eval.subset(every, slice(start, start + n * len(prompts)))

@@ -74,7 +74,7 @@ class Model:
     cascade); `stage_params` the per-stage trees as read (what an export writes)."""
 
     config: ml_collections.ConfigDict
-    modules: modules_lib.Modules
+    modules: modules_lib.Modules | None
     conditioner: TextConditioner
     params: dict[str, Any]
     stage_params: dict[str, Any]
@@ -97,6 +97,17 @@ class Model:
 
     def sampler_params(self, cascade: bool) -> dict[str, Any]:
         return self.params if cascade else self.params["base"]
+
+    @classmethod
+    def in_memory(cls, config, sampler, params: dict[str, Any], conditioner) -> Model:
+        """A model from a sampler and its parameters already in memory (e.g. a training
+        stage's summaries): a `MuseSampler` with its params, or a `CascadeSampler` with
+        {'base', 'superres'}. It cannot be exported (no per-stage trees)."""
+        if isinstance(sampler, CascadeSampler):
+            return cls(
+                config, None, conditioner, params, {}, {}, sampler.base, sampler.superres, sampler
+            )
+        return cls(config, None, conditioner, {"base": params}, {}, {}, sampler)
 
 
 def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) -> Model:

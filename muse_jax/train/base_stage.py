@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from muse_jax import checkpoints, parallel, stages
+from muse_jax import parallel, stages
 from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
@@ -36,19 +36,6 @@ def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, 
         config, workdir, "tokenizer", mesh, axis_rules, tokenizer_dir(config, workdir)
     )
     return params["vq"], step
-
-
-def load_for_sampling(config, workdir: str, step: int | None = None):
-    """(sampler, params, step, conditioner) from the experiment's base checkpoint at `step`
-    (default: the latest) and its tokenizer's latest (plus the frozen text encoder's weights when
-    it runs in the graph). Only parameters are read."""
-    base = BaseStage(config, workdir)
-    mesh = parallel.create_mesh(config)
-    axis_rules = parallel.rules(config)
-    abstract, _ = parallel.abstract_state(base.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    params, step = checkpoints.load_params(base.stage_dir, abstract.params, "base", step)
-    frozen = base.frozen(mesh, axis_rules)
-    return base.sampler, base.sampler_params(params, frozen), step, base.conditioner
 
 
 @stage.register
@@ -243,18 +230,15 @@ class BaseStage(stage.Stage):
 
     def write_summaries(self, state, frozen, writer, step: int):
         from muse_jax.eval import alignment_eval
+        from muse_jax.inference.model import Model
+        from muse_jax.inference.pipeline import MusePipeline
 
         ev = self.config.eval
         prompts = list(ev.seen_prompts)[:4] + list(ev.held_out_prompts)[:4]
-        result = alignment_eval.generate(
-            self.config,
-            self.sampler,
-            self.sampler_params(state.params, frozen),
-            self.conditioner,
-            prompts,
-            samples_per_prompt=4,
-            seed=0,
-        )
+        params = self.sampler_params(state.params, frozen)
+        model = Model.in_memory(self.config, self.sampler, params, self.conditioner)
+        pipe = MusePipeline(model, batch_size=4 * len(prompts))
+        result = alignment_eval.generate(pipe, prompts, samples_per_prompt=4, seed=0)
         image = summaries.upscale(summaries.grid(result.images, columns=4 * 2), 2)
         writer.write_images(step, {"samples": image[None]})
         return {f"eval/alignment_{k}": v for k, v in result.scores.items() if k != "count"}

@@ -1,36 +1,11 @@
-"""Image grids and PNG files for TensorBoard summaries and sample outputs."""
+"""Image grids for TensorBoard summaries, and reading scalars back from event files."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from muse_jax import storage
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8
-    )
-
-
-def grid(images: np.ndarray, columns: int, pad: int = 1, pad_value: int = 64) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one [rows * (H + pad) + pad, ...] image, row-major."""
-    n, h, w, c = images.shape
-    rows = -(-n // columns)
-    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        out[
-            pad + r * (h + pad) : pad + r * (h + pad) + h,
-            pad + col * (w + pad) : pad + col * (w + pad) + w,
-        ] = img
-    return out
-
-
-def upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour enlargement so that tiny images are visible in TensorBoard and READMEs."""
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+from muse_jax.inference.images import grid, to_uint8, upscale  # noqa: F401  (re-exported)
 
 
 def save_png(image: np.ndarray, path: str) -> None:
