@@ -279,3 +279,41 @@ def test_the_readme_python_example_runs_as_written(exported, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(tmp_path.glob("*.png"))
     assert written and all(Image.open(p).size == (64, 64) for p in written)
+
+
+@pytest.mark.slow
+def test_export_to_gcs_and_load_from_it(exported, tmp_path):
+    from tests.gcs_emulator import gcs_emulator
+
+    config, workdir, out = exported
+    expected = MusePipeline.from_pretrained(out)(PROMPTS, seed=2).array
+    np.save(tmp_path / "expected.npy", expected)
+    code = textwrap.dedent(
+        f"""
+        import numpy as np
+        from configs import shapes_tiny
+        from muse_jax import MusePipeline, storage
+        from muse_jax.inference import export, model
+        remote = storage.join("{{bucket}}", "models", "shapes")
+        config = shapes_tiny.get_config("smoke")
+        export.export(model.from_workdir(config, {workdir!r}), remote, source={workdir!r})
+        print(sorted(storage.listdir(remote)))
+        got = MusePipeline.from_pretrained(remote)({PROMPTS!r}, seed=2).array
+        np.testing.assert_array_equal(got, np.load("expected.npy"))
+        print("identical")
+        """
+    )
+    with gcs_emulator() as emu:
+        done = subprocess.run(
+            [sys.executable, "-c", code.replace("{bucket}", f"gs://{emu.bucket}")],
+            env=_env(**emu.env, JAX_PLATFORMS="cpu"),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        objects = emu.list("models/shapes/")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "identical" in done.stdout
+    assert {o.rsplit("/", 1)[-1] for o in objects} >= {"config.json", "base.safetensors"}
+    assert not (tmp_path / "gs:").exists()
