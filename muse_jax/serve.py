@@ -95,7 +95,9 @@ def _number(body: dict, key: str, kind: type, low: float, high: float, default):
             raise BadRequest(f"{key} must be a whole number, got {value!r}.")
         number = int(number)
     if not low <= number <= high:
-        bounds = f"between {_fmt(low)} and {_fmt(high)}" if math.isfinite(high) else f">= {_fmt(low)}"
+        bounds = (
+            f"between {_fmt(low)} and {_fmt(high)}" if math.isfinite(high) else f">= {_fmt(low)}"
+        )
         raise BadRequest(f"{key} must be {bounds}, got {value!r}.")
     return number
 

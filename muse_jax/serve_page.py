@@ -52,7 +52,7 @@ PAGE = """<!doctype html>
 <body>
 <header><h1>muse_jax <span id="model"></span></h1></header>
 <main>
-<form id="form" autocomplete="off">
+<form id="form" autocomplete="off" novalidate>
   <label for="prompt">Prompt</label>
   <textarea id="prompt" placeholder="a large red circle in the center"></textarea>
   <label for="negative_prompt">Negative prompt (empty: the model's)</label>
@@ -69,7 +69,7 @@ PAGE = """<!doctype html>
   </div>
   <button type="submit" id="generate">Generate</button>
   <fieldset>
-    <legend>Inpainting: white mask pixels are re-generated</legend>
+    <legend>Inpainting (mask: white = re-generate)</legend>
     <label for="image">Image</label><input type="file" id="image" accept="image/*">
     <label for="mask">Mask</label><input type="file" id="mask" accept="image/*">
     <div class="previews"><img id="image_preview" alt="image"><img id="mask_preview" alt="mask"></div>

@@ -45,6 +45,25 @@ def test_the_inference_package_imports_nothing_from_train():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_no_module_below_train_imports_it_even_inside_a_function():
+    """The layers data, models, text, sampling, inference and eval never reach up into train/
+    (a static scan: function-level imports count too)."""
+    import ast
+
+    offenders = []
+    for package in ("data", "models", "text", "sampling", "inference", "eval"):
+        for path in sorted((ROOT / "muse_jax" / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                if any(n == "muse_jax.train" or n.startswith("muse_jax.train.") for n in names):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
 @pytest.fixture(scope="module")
 def exported(trained_cascade, tmp_path_factory):
     config, workdir = trained_cascade

@@ -119,7 +119,9 @@ def test_settings_reach_the_pipeline_and_defaults_fill_the_rest():
         "seed": 7,
         "num_images_per_prompt": 3,
     }
-    assert c.post("/api/generate", json={"prompt": "a red circle", "negative_prompt": ""}).is_success
+    assert c.post(
+        "/api/generate", json={"prompt": "a red circle", "negative_prompt": ""}
+    ).is_success
     assert pipe.calls[-1] == {
         "negative_prompt": None,
         "guidance_scale": None,
@@ -265,7 +267,9 @@ def test_inpaint_matches_the_pipeline(pipe):
     assert got.shape == (2, size, size, 3)
     want = pipe.inpaint(image, mask, body["prompt"], num_images=2, seed=1).array
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got[:, mask == 0], np.broadcast_to(image[mask == 0], got[:, mask == 0].shape))
+    np.testing.assert_array_equal(
+        got[:, mask == 0], np.broadcast_to(image[mask == 0], got[:, mask == 0].shape)
+    )
     r = client(pipe).post(
         "/api/inpaint",
         json={**body, "image": data_url(image), "mask": data_url(np.zeros((size, size), np.uint8))},
@@ -302,6 +306,7 @@ def _wait_until_up(proc, url: str, log_path: str, timeout: float = 180.0) -> Non
 )
 def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
+    from muse_jax.data import shapes
     from muse_jax.eval import alignment
     from muse_jax.inference.images import preview_grid
 
@@ -324,7 +329,7 @@ def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
                       "--disable-sync"],
             )  # fmt: skip
             try:
-                page = browser.new_page(viewport={"width": 1000, "height": 620})
+                page = browser.new_page(viewport={"width": 1000, "height": 720})
                 page.goto(url)
                 page.fill("#prompt", PROMPT)
                 page.fill("#seed", "11")
@@ -341,7 +346,8 @@ def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
                 links = page.eval_on_selector_all("#links a", "els => els.map(a => a.href)")
                 shown = np.stack([decode(u) for u in links])
                 if os.environ.get("MUSE_SCREENSHOT"):
-                    page.screenshot(path=os.path.join(ROOT, os.environ["MUSE_SCREENSHOT"]))
+                    path = os.path.join(ROOT, os.environ["MUSE_SCREENSHOT"])
+                    page.screenshot(path=path, full_page=True)
 
                 # The page's settings are the model's defaults: the same images from Python.
                 want = pipe(PROMPT, seed=11, num_images_per_prompt=NUM_IMAGES).array
@@ -354,12 +360,39 @@ def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
 
                 assert [colour(x) for x in shown] == [colour(x) for x in want]
 
-                page.fill("#prompt", "")
-                page.click("#generate")
-                page.wait_for_function("document.getElementById('error').textContent !== ''")
-                assert page.text_content("#error") == (
-                    "Empty prompt: give a caption, e.g. 'a red circle'."
+                # Inpainting from files, 2 images (the count of the API test: no new compile).
+                size = pipe.image_size()
+                scene = shapes.scene_from_caption(PROMPT, np.random.default_rng(0))
+                image = shapes.render(scene, size)
+                mask = shapes.object_mask(scene.objects[0], size).astype(np.uint8) * 255
+                Image.fromarray(image).save(tmp_path / "image.png")
+                Image.fromarray(mask).save(tmp_path / "mask.png")
+                edit_prompt = "a large blue circle in the center"
+                page.fill("#prompt", edit_prompt)
+                page.fill("#num_images", "2")
+                page.set_input_files("#image", str(tmp_path / "image.png"))
+                page.set_input_files("#mask", str(tmp_path / "mask.png"))
+                page.click("#inpaint")
+                page.wait_for_function(
+                    "document.querySelectorAll('#links a').length === 2 || "
+                    "document.getElementById('error').textContent",
+                    timeout=180_000,
                 )
+                assert page.text_content("#error") == ""
+                links = page.eval_on_selector_all("#links a", "els => els.map(a => a.href)")
+                edits = pipe.inpaint(image, mask, edit_prompt, num_images=2, seed=11).array
+                np.testing.assert_array_equal(np.stack([decode(u) for u in links]), edits)
+
+                for prompt, count, message in [
+                    ("", "2", "Empty prompt: give a caption, e.g. 'a red circle'."),
+                    (PROMPT, "99", "99 images requested; this server makes at most 16 per "
+                     "request (--max_images)."),
+                ]:  # fmt: skip
+                    page.fill("#prompt", prompt)
+                    page.fill("#num_images", count)
+                    page.click("#generate")
+                    page.wait_for_function("document.getElementById('error').textContent !== ''")
+                    assert page.text_content("#error") == message
             finally:
                 browser.close()
     finally:

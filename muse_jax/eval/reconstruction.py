@@ -9,21 +9,36 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from muse_jax.train import losses
+
+def psnr(mse_pm1: float) -> float:
+    """PSNR in dB from the MSE of images in [-1, 1] (peak-to-peak 2)."""
+    return float(10.0 * np.log10(4.0 / max(mse_pm1, 1e-10)))
 
 
 def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int = 250) -> dict:
     """{'plain_db', 'finetuned_db', 'num_images', 'decoder_step'} on the test split."""
-    from muse_jax import checkpoints, parallel
     from muse_jax.data import tasks
-    from muse_jax.train.decoder_stage import DecoderStage
+    from muse_jax.inference import modules as modules_lib
+    from muse_jax.inference.model import WorkdirReader, read_stage
+    from muse_jax.models import factory
 
-    mesh, axis_rules = parallel.create_mesh(config), parallel.rules(config)
-    dec = DecoderStage(config, workdir)
-    frozen = dec.frozen(mesh, axis_rules)
-    abstract, _ = parallel.abstract_state(dec.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    trained, step = checkpoints.load_params(dec.stage_dir, abstract.params, "decoder")
-    tuned_params = dec.finetuned_params(trained, frozen)
+    mods = modules_lib.Modules(
+        tokenizer=None,
+        base=None,
+        text_encoder=None,
+        text_trainable=False,
+        superres_tokenizer=factory.superres_tokenizer(config),
+        finetuned_decoder=factory.finetuned_decoder_vqgan(config),
+    )
+    reader = WorkdirReader(config, workdir)
+    plain, _ = read_stage(config, reader, mods, "superres_tokenizer")
+    decoder, step = read_stage(config, reader, mods, "decoder")
+    tuned = {
+        "encoder": plain["vq"]["encoder"],
+        "quantizer": plain["vq"]["quantizer"],
+        "decoder": decoder["decoder"],
+    }
+    reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
     sq = {"plain": 0.0, "finetuned": 0.0}
     n = 0
     for batch in tasks.batches(
@@ -38,17 +53,17 @@ def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int =
     ):
         x = batch["image_hr"][: max_images - n]
         for name, model, params in (
-            ("plain", dec.plain, frozen["plain"]),
-            ("finetuned", dec.model, tuned_params),
+            ("plain", mods.superres_tokenizer, plain["vq"]),
+            ("finetuned", mods.finetuned_decoder, tuned),
         ):
-            recon = np.clip(np.asarray(dec.reconstruct(model, params, x)), -1, 1)
+            recon = np.clip(np.asarray(reconstruct(model, params, x)), -1, 1)
             sq[name] += float(np.sum(np.mean((recon - x) ** 2, axis=(1, 2, 3))))
         n += len(x)
         if n >= max_images:
             break
     return {
-        "plain_db": float(losses.psnr(sq["plain"] / n)),
-        "finetuned_db": float(losses.psnr(sq["finetuned"] / n)),
+        "plain_db": psnr(sq["plain"] / n),
+        "finetuned_db": psnr(sq["finetuned"] / n),
         "num_images": n,
         "decoder_step": step,
     }

@@ -132,9 +132,7 @@ def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) ->
     stage_params: dict[str, Any] = {}
     steps: dict[str, int | None] = {}
     for name in names:
-        init = modules_lib.param_tree(config, mods, name, emb_shape)
-        abstract, _ = parallel.abstract_state(init, jax.random.PRNGKey(0), mesh, rules)
-        stage_params[name], steps[name] = reader.read(name, abstract)
+        stage_params[name], steps[name] = read_stage(config, reader, mods, name, emb_shape)
     frozen_text = None
     if mods.text_encoder is not None and not mods.text_trainable:
         frozen_text = _frozen_text_encoder(config, mods, mesh, rules)
@@ -164,6 +162,16 @@ def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) ->
         params["superres"] = sampler_params("superres", hr_vq)
         model.cascade_sampler = CascadeSampler(base, model.superres_sampler)
     return model
+
+
+def read_stage(
+    config, reader: Reader, mods: modules_lib.Modules, name: str, emb_shape=None
+) -> tuple[Any, int | None]:
+    """(the parameters sampling needs of stage `name`, placed on the config's mesh, its step)."""
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    init = modules_lib.param_tree(config, mods, name, emb_shape)
+    abstract, _ = parallel.abstract_state(init, jax.random.PRNGKey(0), mesh, rules)
+    return reader.read(name, abstract)
 
 
 def _frozen_text_encoder(config, mods, mesh, rules) -> Any:

@@ -342,22 +342,28 @@ def embed(
 ) -> int:
     """Encodes the captions not yet in the table at `output_dir`; returns how many it added."""
     import jax
+    import jax.numpy as jnp
 
     from muse_jax import parallel
-    from muse_jax.text.conditioning import encode_ids
-    from muse_jax.train.base_stage import BaseStage
+    from muse_jax.models import factory
+    from muse_jax.text import loading
+    from muse_jax.text.conditioning import TextConditioner, encode_ids
 
     stage_config = config.copy_and_resolve_references()
     stage_config.base.text_embeddings = ""  # Build the in-graph encoder of this config.
-    base = BaseStage(stage_config, workdir)
-    if base.text_encoder is None:
-        raise ValueError("The config has no text encoder to embed with.")
-    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
-    if base.text_trainable:
+    if stage_config.base.text_encoder.trainable:
         raise ValueError(
             "config.base.text_encoder is trainable; precomputing needs a frozen encoder "
             "(e.g. --config.base.text_encoder.name=t5 --config.base.text_encoder.trainable=False)."
         )
+    vocab = TextConditioner(stage_config, workdir).vocab
+    text_encoder = factory.text_encoder(stage_config, vocab.vocab_size)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+
+    def init_text(rng):
+        ids = jnp.zeros((1, stage_config.data.text_length), jnp.int32)
+        return text_encoder.init(rng, ids, jnp.ones_like(ids))["params"]
+
     length = config.data.text_length
     writer = TableWriter(
         output_dir,
@@ -367,9 +373,11 @@ def embed(
         index_every=index_every,
     )
     todo = writer.missing(captions)
-    frozen_text = base.frozen_text_encoder(mesh, rules) if todo else None
-    encode = jax.jit(lambda p, ids, mask: base.text_encoder.apply({"params": p}, ids, mask))
-    vocab = base.conditioner.vocab
+    frozen_text = None
+    if todo:
+        abstract, shardings = parallel.abstract_state(init_text, jax.random.PRNGKey(0), mesh, rules)
+        frozen_text = loading.load_text_encoder(stage_config, abstract, shardings)
+    encode = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask))
     t0 = time.time()
     with writer:
         for start in range(0, len(todo), chunk_size):
