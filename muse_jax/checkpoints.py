@@ -191,7 +191,9 @@ def finalized_steps(directory: str) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(storage.path(directory)))
 
 
-def _find_step(directory: str, what: str, step: int | None) -> int:
+def find_step(directory: str, what: str, step: int | None = None) -> int:
+    """`step` (default: the latest finalized one) of the checkpoints in `directory`, or a
+    FileNotFoundError with one clear line."""
     steps = finalized_steps(directory)
     if not steps:
         raise FileNotFoundError(
@@ -207,7 +209,7 @@ def _find_step(directory: str, what: str, step: int | None) -> int:
 
 def _restore_latest(stage_dir: str, what: str, step: int | None, restore) -> tuple[Any, int]:
     directory = checkpoint_dir(stage_dir)
-    step = _find_step(directory, what, step)
+    step = find_step(directory, what, step)
     ckpt = Checkpointer(directory, asynchronous=False)
     try:
         return restore(ckpt, step), step

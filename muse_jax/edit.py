@@ -99,10 +99,18 @@ def main(argv):
     if not storage.isdir(_WORKDIR.value):
         raise cli.UsageError(f"--workdir {_WORKDIR.value!r} does not exist.")
 
-    from muse_jax.eval import alignment_eval
     from muse_jax.inference import images as images_lib
-    from muse_jax.inference.pipeline import MusePipeline
     from muse_jax.sampling import editing
+
+    # Bad inputs fail here, in one line, before the model (and TensorFlow) loads.
+    size = config.data.hr_image_size if cascade else config.data.image_size
+    if mode == "inpaint":
+        images_lib.fit_mask(mask, image.size, size)
+    if mode == "outpaint":
+        editing.parse_pad(_PAD.value)
+
+    from muse_jax.eval import alignment_eval
+    from muse_jax.inference.pipeline import MusePipeline
 
     stages = "cascade" if cascade else "base"
     try:
@@ -133,7 +141,6 @@ def main(argv):
     for note in out.notes:
         print(f"note: {note}")
     steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
-    size = out.input_array.shape[0]
     res = out.result
     for i, img in enumerate(out.array):
         storage.save_png(img, storage.join(_OUT.value, f"edit_{i:03d}.png"))

@@ -364,7 +364,11 @@ def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
                 size = pipe.image_size()
                 scene = shapes.scene_from_caption(PROMPT, np.random.default_rng(0))
                 image = shapes.render(scene, size)
-                mask = shapes.object_mask(scene.objects[0], size).astype(np.uint8) * 255
+                # Re-generate a corner away from the red circle: the circle must come back
+                # through the page untouched, so the checker reads red in every edit.
+                mask = np.zeros((size, size), np.uint8)
+                mask[: size // 4, : size // 4] = 255
+                assert not (shapes.object_mask(scene.objects[0], size) & (mask > 0)).any()
                 Image.fromarray(image).save(tmp_path / "image.png")
                 Image.fromarray(mask).save(tmp_path / "mask.png")
                 edit_prompt = "a large blue circle in the center"
@@ -381,7 +385,9 @@ def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
                 assert page.text_content("#error") == ""
                 links = page.eval_on_selector_all("#links a", "els => els.map(a => a.href)")
                 edits = pipe.inpaint(image, mask, edit_prompt, num_images=2, seed=11).array
-                np.testing.assert_array_equal(np.stack([decode(u) for u in links]), edits)
+                got = np.stack([decode(u) for u in links])
+                np.testing.assert_array_equal(got, edits)
+                assert colour(image) == "red" and [colour(x) for x in got] == ["red", "red"]
 
                 for prompt, count, message in [
                     ("", "2", "Empty prompt: give a caption, e.g. 'a red circle'."),

@@ -30,6 +30,9 @@ class Reader(Protocol):
 
     def has(self, component: str) -> bool: ...
 
+    def require(self, component: str) -> None:
+        """FileNotFoundError with one clear line when stage `component` cannot be read."""
+
     def read(self, component: str, abstract: Any) -> tuple[Any, int | None]:
         """(the subset `abstract` of stage `component`'s parameters, its training step)."""
 
@@ -47,6 +50,10 @@ class WorkdirReader:
     def has(self, component: str) -> bool:
         return bool(checkpoints.finalized_steps(checkpoints.checkpoint_dir(self._dir(component))))
 
+    def require(self, component: str) -> None:
+        step = self.base_step if component == "base" else None
+        checkpoints.find_step(checkpoints.checkpoint_dir(self._dir(component)), component, step)
+
     def read(self, component: str, abstract: Any) -> tuple[Any, int | None]:
         step = self.base_step if component == "base" else None
         return checkpoints.load_params(self._dir(component), abstract, component, step, True)
@@ -61,9 +68,12 @@ class ExportedReader:
     def has(self, component: str) -> bool:
         return component in self.manifest["components"]
 
-    def read(self, component: str, abstract: Any) -> tuple[Any, int | None]:
+    def require(self, component: str) -> None:
         if not self.has(component):
             raise FileNotFoundError(f"The model in {self.directory} has no {component!r} stage.")
+
+    def read(self, component: str, abstract: Any) -> tuple[Any, int | None]:
+        self.require(component)
         path = storage.join(self.directory, f"{component}.safetensors")
         return weights.load(path, abstract), self.manifest["components"][component]["step"]
 
@@ -116,6 +126,11 @@ def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) ->
     With `cascade`, the super-res stage and high-res tokenizer are required; the fine-tuned
     decoder is used when the reader has one (otherwise the tokenizer's own decoder decodes).
     """
+    # A missing stage is the first thing to report, before any work: the transformers first
+    # (what a user most likely forgot to train), then their tokenizers.
+    required = ["base", "tokenizer"] + (["superres", "superres_tokenizer"] if cascade else [])
+    for name in required:
+        reader.require(name)
     mesh, rules = parallel.create_mesh(config), parallel.rules(config)
     emb_shape = None
     vocab_size = None

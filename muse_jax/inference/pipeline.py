@@ -82,6 +82,12 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    return int(seed)
+
+
 def _pad_rows(tree: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """Repeats the last row so every leading dimension is `rows`."""
     return {
@@ -91,7 +97,11 @@ def _pad_rows(tree: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 class MusePipeline:
-    """Generation and editing with a trained or exported Muse model."""
+    """Generation and editing with a trained or exported Muse model.
+
+    One pipeline serves one caller at a time (editing keeps per-stage settings on the
+    pipeline); a server runs its calls on a single worker (see `muse_jax.serve`).
+    """
 
     def __init__(self, model: model_lib.Model, *, batch_size: int = 16, max_images: int = 1024):
         if batch_size < 1 or max_images < 1:
@@ -177,6 +187,11 @@ class MusePipeline:
         return base, Settings.from_config(self.config.superres.sampling, **(superres or {}))
 
     def _encode(self, captions: list[str], negative: str | None, rows: int):
+        if negative is not None and len(negative) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"The negative prompt has {len(negative)} characters; at most "
+                f"{MAX_PROMPT_CHARS} are accepted."
+            )
         cond_enc = self.model.conditioner
         neg = self.config.sampling.negative_prompt if negative is None else negative
         cond = cond_enc.encode(captions)
@@ -224,7 +239,7 @@ class MusePipeline:
             superres=superres,
         )
         sampler, params = self.model.sampler(cascade), self.model.sampler_params(cascade)
-        key = jax.random.PRNGKey(seed)
+        key = jax.random.PRNGKey(check_seed(seed))
         n = len(captions)
         rows = n if n <= self.batch_size else self.batch_size
         for i, start in enumerate(range(0, n, rows)):
@@ -316,10 +331,10 @@ class MusePipeline:
         check_prompt(prompt)
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}.")
-        if num_images > self.batch_size:
+        if num_images > min(self.batch_size, self.max_images):
             raise ValueError(
-                f"{num_images} edits requested; one edit call makes at most batch_size="
-                f"{self.batch_size}."
+                f"{num_images} edits requested; one edit call makes at most "
+                f"{min(self.batch_size, self.max_images)} (the pipeline's batch_size)."
             )
         cascade = self._cascade(stages)
         settings = self.settings(
@@ -332,7 +347,7 @@ class MusePipeline:
         token_stages = self._stages(cascade, settings)
         cond, uncond = self._encode([prompt] * num_images, negative_prompt, num_images)
         batch = np.repeat(image[None].astype(np.float32) / 127.5 - 1.0, num_images, 0)
-        rng = jax.random.PRNGKey(seed)
+        rng = jax.random.PRNGKey(check_seed(seed))
         if mode == "maskfree":
             res = editing.maskfree_edit(
                 token_stages,
