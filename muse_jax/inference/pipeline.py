@@ -186,6 +186,11 @@ class MusePipeline:
             return base
         return base, Settings.from_config(self.config.superres.sampling, **(superres or {}))
 
+    def _plan(self, stages: str | None, seed: int, **settings) -> tuple[bool, Any, jax.Array]:
+        """(cascade?, the samplers' settings, the PRNG key) of one call, validated."""
+        cascade = self._cascade(stages)
+        return cascade, self.settings(cascade, **settings), jax.random.PRNGKey(check_seed(seed))
+
     def _encode(self, captions: list[str], negative: str | None, rows: int):
         if negative is not None and len(negative) > MAX_PROMPT_CHARS:
             raise ValueError(
@@ -230,16 +235,11 @@ class MusePipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         self._check_count(len(captions))
-        cascade = self._cascade(stages)
-        settings = self.settings(
-            cascade,
-            guidance_scale=guidance_scale,
-            num_steps=num_steps,
-            temperature=temperature,
-            superres=superres,
-        )
+        cascade, settings, key = self._plan(
+            stages, seed, guidance_scale=guidance_scale, num_steps=num_steps,
+            temperature=temperature, superres=superres,
+        )  # fmt: skip
         sampler, params = self.model.sampler(cascade), self.model.sampler_params(cascade)
-        key = jax.random.PRNGKey(check_seed(seed))
         n = len(captions)
         rows = n if n <= self.batch_size else self.batch_size
         for i, start in enumerate(range(0, n, rows)):
@@ -336,18 +336,13 @@ class MusePipeline:
                 f"{num_images} edits requested; one edit call makes at most "
                 f"{min(self.batch_size, self.max_images)} (the pipeline's batch_size)."
             )
-        cascade = self._cascade(stages)
-        settings = self.settings(
-            cascade,
-            guidance_scale=guidance_scale,
-            num_steps=num_steps,
-            temperature=temperature,
-            superres=superres,
-        )
+        cascade, settings, rng = self._plan(
+            stages, seed, guidance_scale=guidance_scale, num_steps=num_steps,
+            temperature=temperature, superres=superres,
+        )  # fmt: skip
         token_stages = self._stages(cascade, settings)
         cond, uncond = self._encode([prompt] * num_images, negative_prompt, num_images)
         batch = np.repeat(image[None].astype(np.float32) / 127.5 - 1.0, num_images, 0)
-        rng = jax.random.PRNGKey(check_seed(seed))
         if mode == "maskfree":
             res = editing.maskfree_edit(
                 token_stages,
