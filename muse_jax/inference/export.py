@@ -110,9 +110,10 @@ def _scores(workdir: str) -> dict | None:
             continue
         if "base_scores" in report[split]:
             rows[f"{split}, base stage"] = [
-                report[split]["base_scores"].get(c) or float("nan") for c in columns
+                report[split]["base_scores"].get(c, float("nan")) for c in columns
             ]
-        rows[f"{split}"] = [report[split]["scores"].get(c) or float("nan") for c in columns]
+        name = f"{split}, cascade" if "base_scores" in report[split] else split
+        rows[name] = [report[split]["scores"].get(c, float("nan")) for c in columns]
     return {"columns": columns, "rows": rows}
 
 
