@@ -170,17 +170,21 @@ class MusePipeline:
         *,
         guidance_scale: float | None = None,
         num_steps: int | None = None,
-        temperature: float | None = None,
+        temperature: float | tuple[float, float] | None = None,
         superres: dict[str, Any] | None = None,
     ):
         """The sampler's `Settings`: the config's with the given overrides (base stage), and
-        `superres` overrides for the super-res stage of a cascade."""
+        `superres` overrides for the super-res stage of a cascade. `temperature` is one value
+        (constant over the steps) or (first step, last step), linear in between."""
+        first = last = temperature
+        if isinstance(temperature, tuple | list):
+            first, last = temperature
         base = Settings.from_config(
             self.config.sampling,
             guidance_scale=guidance_scale,
             num_steps=num_steps,
-            temperature=temperature,
-            temperature_final=None if temperature is None else temperature,
+            temperature=first,
+            temperature_final=last,
         )
         if not cascade:
             return base
@@ -219,7 +223,7 @@ class MusePipeline:
         negative_prompt: str | None = None,
         guidance_scale: float | None = None,
         num_steps: int | None = None,
-        temperature: float | None = None,
+        temperature: float | tuple[float, float] | None = None,
         seed: int = 0,
         stages: str | None = None,
         num_images_per_prompt: int = 1,
@@ -262,9 +266,10 @@ class MusePipeline:
         """Images for `prompts` (`num_images_per_prompt` each, prompt-major).
 
         Keyword arguments: `negative_prompt` (replaces the unconditional branch; default the
-        config's), `guidance_scale`, `num_steps`, `temperature` (base stage; default the
-        config's sampling block), `seed`, `stages` ('base' | 'cascade'), `num_images_per_prompt`,
-        `superres` (a dict of the same settings for the super-res stage).
+        config's), `guidance_scale`, `num_steps`, `temperature` (one value, or (first, last)
+        annealed linearly over the steps) for the base stage (default: the config's sampling
+        block), `seed`, `stages` ('base' | 'cascade'), `num_images_per_prompt`, `superres` (a
+        dict of sampling settings for the super-res stage, e.g. {'num_steps': 8}).
         """
         parts = list(self.generate(prompts, **kwargs))
 
@@ -319,7 +324,7 @@ class MusePipeline:
         negative_prompt: str | None = None,
         guidance_scale: float | None = None,
         num_steps: int | None = None,
-        temperature: float | None = None,
+        temperature: float | tuple[float, float] | None = None,
         seed: int = 0,
         stages: str | None = None,
         superres: dict[str, Any] | None = None,
