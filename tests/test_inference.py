@@ -93,6 +93,11 @@ def test_guidance_temperature_and_seed_compile_nothing_new(exported):
     assert warm > 0
     second = pipe(PROMPTS, guidance_scale=5.5, temperature=0.7, seed=1)
     third = pipe(PROMPTS, guidance_scale=1.25, temperature=1.3, seed=2, negative_prompt="a cat")
+    # The config's own schedule given explicitly: the same images, no compile.
+    sampling = pipe.config.sampling
+    schedule = (sampling.temperature, sampling.temperature_final)
+    same = pipe(PROMPTS, guidance_scale=3.0, temperature=schedule, seed=0)
+    np.testing.assert_array_equal(same.array, pipe(PROMPTS, guidance_scale=3.0, seed=0).array)
     assert len(events) == warm, "a runtime setting recompiled the sampler"
     assert not np.array_equal(first.tokens, second.tokens)
     assert not np.array_equal(second.tokens, third.tokens)
