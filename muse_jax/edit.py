@@ -107,7 +107,7 @@ def main(argv):
     if mode == "inpaint":
         images_lib.fit_mask(mask, image.size, size)
     if mode == "outpaint":
-        editing.parse_pad(_PAD.value)
+        editing.outpaint_canvas(np.asarray(image), editing.parse_pad(_PAD.value), size)
 
     from muse_jax.eval import alignment_eval
     from muse_jax.inference.pipeline import MusePipeline

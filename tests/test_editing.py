@@ -46,6 +46,15 @@ def test_blend_keeps_every_pixel_outside_the_mask_and_feathers_inside():
     np.testing.assert_array_equal(editing.blend(orig, gen, mask, 0)[mask], gen[mask])
 
 
+def test_outpaint_padding_has_a_ceiling_relative_to_the_image():
+    img = np.zeros((20, 10, 3), np.uint8)
+    canvas, mask = editing.outpaint_canvas(img, (15, 30, 15, 30), 32)  # 80 = 4x the side.
+    assert (~mask).sum() > 0
+    for pad in [(0, 0, 71, 0), (100000,) * 4, (10**9, 0, 0, 0)]:
+        with pytest.raises(ValueError, match="at most 4x the image's longer side"):
+            editing.outpaint_canvas(img, pad, 32)
+
+
 def test_outpaint_canvas_keeps_the_original_and_masks_the_padding():
     img = np.full((32, 16, 3), 200, np.uint8)
     canvas, mask = editing.outpaint_canvas(img, editing.parse_pad("0,0,16,0"), 32)
@@ -206,6 +215,7 @@ def test_edit_binary_writes_edits_and_fails_in_one_line_on_bad_inputs(trained_sm
         ([f"--mask={tmp_path / 'bad.png'}"], "error: cannot read mask"),
         (["--mode=outpaint"], "error: --mode=outpaint needs --pad"),
         (["--mode=outpaint", "--pad=1,2"], "error: --pad must be 4"),
+        (["--mode=outpaint", "--pad=100000"], "at most 4x the image's longer side"),
     ]:
         proc = _edit(*common, *extra, "--prompt=a red circle", f"--output_dir={out}")
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]

@@ -142,6 +142,9 @@ def parse_pad(spec: str) -> tuple[int, int, int, int]:
     return vals[0], vals[1], vals[2], vals[3]
 
 
+MAX_OUTPAINT_GROWTH = 4  # The padded canvas's longer side, in multiples of the image's.
+
+
 def outpaint_canvas(
     image: np.ndarray, pad: tuple[int, int, int, int], image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +166,12 @@ def outpaint_canvas(
     left, top, right, bottom = pad
     h, w = image.shape[:2]
     ch, cw = h + top + bottom, w + left + right
+    if max(ch, cw) > MAX_OUTPAINT_GROWTH * max(h, w):
+        raise ValueError(
+            f"padding {pad} makes a {cw}x{ch} canvas around a {w}x{h} image: at most "
+            f"{MAX_OUTPAINT_GROWTH}x the image's longer side, so that the image keeps a "
+            "visible size on the model's canvas."
+        )
     scale = image_size / max(ch, cw)
     # Original's box on the model canvas, in integer pixels.
     ox = round((image_size - cw * scale) / 2 + left * scale)
