@@ -16,6 +16,7 @@ a local `gs:` folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,52 @@ class IncompatibleCheckpointError(ValueError):
     """The checkpoint in a directory was written by a model of another shape."""
 
 
+class DamagedCheckpointError(ValueError):
+    """No step of a checkpoint directory could be read (each one damaged or incomplete)."""
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why a step could not be read: the innermost error of the chain, where
+    tensorstore names the array and the file (orbax's wrapper names neither)."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        e = inner
+        seen.add(id(e))
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if lines else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def newest_intact(
+    steps: list[int],
+    read: Callable[[int], Any],
+    where: str,
+    what: str,
+    log: Callable[[str], None] = print,
+    on_damaged: Callable[[int], None] | None = None,
+) -> tuple[Any, int]:
+    """`read(step)` of the newest step that reads, newest first; each damaged or incomplete
+    step is named (with why) and skipped, and `on_damaged(step)` is called for it. A checkpoint
+    of another model (IncompatibleCheckpointError) is not damage: it stops at once."""
+    problems = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result = read(step)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure to read is damage to report.
+            problems.append(f"step {step}: {_reason(e)}")
+            log(f"[checkpoints] {what} step {step} in {where} cannot be read ({_reason(e)})")
+            if on_damaged is not None:
+                on_damaged(step)
+            continue
+        if problems:
+            log(f"[checkpoints] {what}: using step {step}, the newest intact one in {where}")
+        return result, step
+    raise DamagedCheckpointError(f"No intact {what} checkpoint in {where}: " + "; ".join(problems))
+
+
 def _rest(state: Any) -> dict[str, Any]:
     return {
         "step": state.step,
@@ -43,13 +90,20 @@ def _rest(state: Any) -> dict[str, Any]:
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` holding one stage's train states."""
 
-    def __init__(self, directory: str, *, keep: int = 2, asynchronous: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 2, asynchronous: bool = True, writer: bool = True
+    ):
+        """`writer=False` (readers of a trained model) creates nothing and cleans nothing;
+        a writer removes the temporary folders of saves that never finished."""
         self.directory = storage.path(directory)
         with storage.checked("opening checkpoints in", directory):
             self.manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+                    max_to_keep=keep,
+                    create=writer,
+                    enable_async_checkpointing=asynchronous,
+                    cleanup_tmp_directories=writer,
                 ),
                 item_handlers={
                     _PARAMS: ocp.StandardCheckpointHandler(),
@@ -67,6 +121,36 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_newest_intact(self, abstract_state: Any, log: Callable[[str], None] = print):
+        """(state, step) of the newest step that restores whole. Each damaged step is named
+        and set aside as `<step>.damaged` (so training redoes it and orbax never lists it
+        again); an older intact step is used, saying so."""
+
+        def set_aside(step: int) -> None:
+            dst = self.directory / f"{step}.damaged"
+            if jax.process_index() == 0:  # One host renames; the others wait for it.
+                if dst.exists():
+                    storage.remove_tree(str(dst))
+                (self.directory / str(step)).rename(dst)
+                log(f"[checkpoints] moved the damaged step to {dst}")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"muse_jax set aside step {step}")
+
+        steps = list(self.manager.all_steps())
+        try:
+            return newest_intact(
+                steps,
+                lambda s: self.restore(abstract_state, s),
+                str(self.directory),
+                "train state",
+                log,
+                set_aside,
+            )
+        finally:
+            self.manager.reload()
 
     def save(self, step: int, state: Any) -> None:
         self.manager.save(
@@ -207,12 +291,27 @@ def find_step(directory: str, what: str, step: int | None = None) -> int:
     return steps[-1] if step is None else step
 
 
-def _restore_latest(stage_dir: str, what: str, step: int | None, restore) -> tuple[Any, int]:
+def _restore_latest(
+    stage_dir: str, what: str, step: int | None, restore, log: Callable[[str], None] = print
+) -> tuple[Any, int]:
+    """`restore(ckpt, step)` of the asked step, or (step None) of the newest intact one."""
     directory = checkpoint_dir(stage_dir)
-    step = find_step(directory, what, step)
-    ckpt = Checkpointer(directory, asynchronous=False)
+    found = find_step(directory, what, step)
+    ckpt = Checkpointer(directory, asynchronous=False, writer=False)
     try:
-        return restore(ckpt, step), step
+        if step is not None:
+            try:
+                return restore(ckpt, found), found
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a damaged step, in one line.
+                raise DamagedCheckpointError(
+                    f"The {what} checkpoint at step {step} in {directory} cannot be read "
+                    f"({_reason(e)})."
+                ) from None
+        return newest_intact(
+            finalized_steps(directory), lambda s: restore(ckpt, s), directory, what, log
+        )
     finally:
         ckpt.close()
 

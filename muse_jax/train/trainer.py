@@ -226,8 +226,8 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         checkpoints.checkpoint_dir(stage.stage_dir), keep=tc.keep_checkpoints
     )
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract)
-        _log(f"[{stage.name}] resumed from checkpoint step {ckpt.latest_step()}")
+        state, step = ckpt.restore_newest_intact(abstract, _log)
+        _log(f"[{stage.name}] resumed from checkpoint step {step}")
     else:
         state = stage.warm_start(state, mesh, axis_rules)
     start = int(state.step)
