@@ -53,7 +53,9 @@ def main(argv):
     storage.write_json(storage.join(workdir, "alignment.json"), report)
     print("[pipeline] text-alignment score (fraction of samples whose pixels show the attribute):")
     print(report_lib.table(report))
-    if cascade:
+    if cascade and report["decoder_psnr"] is None:
+        print("[pipeline] no 'test' split: the decoders' held-out PSNR is skipped")
+    elif cascade:
         d = report["decoder_psnr"]
         print(
             f"[pipeline] high-res reconstruction PSNR on {d['num_images']} held-out images: "

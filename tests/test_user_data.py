@@ -693,3 +693,22 @@ def test_trainer_trains_on_user_data_and_logs_the_skip_counts(folder, tmp_path):
     logged = summaries.read_scalars(str(tmp_path / "run" / "tokenizer"))
     assert logged["data/skipped_corrupt_image"] == {0: 1.0}
     assert logged["data/examples_train"][0] + logged["data/examples_test"][0] == 40
+
+
+@pytest.mark.slow
+def test_without_a_test_split_training_skips_the_held_out_summaries(folder, tmp_path, capsys):
+    """The advice of the empty-split error (set config.data.test_fraction to 0) works: training
+    runs through its summaries and checkpoints, saying the held-out summaries are skipped."""
+    from muse_jax import checkpoints
+    from muse_jax.train import trainer
+
+    src, _, _ = folder
+    config = _config("image_folder", src, tmp_path / "data", test_fraction=0.0)
+    config.tokenizer.train.num_steps = 3
+    config.tokenizer.train.summary_every = 2
+    workdir = tmp_path / "run"
+    result = trainer.train(config, str(workdir), "tokenizer")
+    assert result.status == "completed" and result.step == 3
+    said = capsys.readouterr().out
+    assert "[tokenizer] the data has no 'test' split" in said and said.count("no 'test' split") == 1
+    assert checkpoints.finalized_steps(str(workdir / "tokenizer" / "checkpoints"))[-1] == 3

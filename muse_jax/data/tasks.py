@@ -267,6 +267,13 @@ def get_task(config, workdir: str) -> seqio.Task | seqio.Mixture:
     return seqio.get_mixture_or_task(name)
 
 
+def has_split(config, workdir: str, split: str) -> bool:
+    """Whether every source of the config has `split` (user data has no 'test' split when
+    config.data.test_fraction is 0)."""
+    sources, _, _ = _resolve(config, workdir)
+    return all(split in s.builder.info.splits for s in sources)
+
+
 def _host_records(src: Source, split: str, output_features) -> tuple[tf.data.Dataset, int]:
     """This process's contiguous slice of the split (so each host reads only its own shards),
     filtered, and how many records it holds."""

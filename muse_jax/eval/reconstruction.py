@@ -15,9 +15,15 @@ def psnr(mse_pm1: float) -> float:
     return float(10.0 * np.log10(4.0 / max(mse_pm1, 1e-10)))
 
 
-def decoder_psnr(config, workdir: str, max_images: int = 1000, batch_size: int = 250) -> dict:
-    """{'plain_db', 'finetuned_db', 'num_images', 'decoder_step'} on the test split."""
+def decoder_psnr(
+    config, workdir: str, max_images: int = 1000, batch_size: int = 250
+) -> dict | None:
+    """{'plain_db', 'finetuned_db', 'num_images', 'decoder_step'} on the test split (None when
+    the data has no test split)."""
     from muse_jax.data import tasks
+
+    if not tasks.has_split(config, workdir, "test"):
+        return None
     from muse_jax.inference import modules as modules_lib
     from muse_jax.inference.model import WorkdirReader, read_stage
     from muse_jax.models import factory

@@ -52,7 +52,6 @@ class DecoderStage(stage.Stage):
         self.plain = factory.superres_tokenizer(config)
         self.disc = make_discriminator(self.stage_config.loss)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
-        self._eval_batch: np.ndarray | None = None
         self.reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
 
     @property
@@ -149,19 +148,10 @@ class DecoderStage(stage.Stage):
 
     def write_summaries(self, state, frozen, writer, step: int):
         """Held-out reconstructions: original / plain decoder / fine-tuned decoder, and PSNRs."""
-        if self._eval_batch is None:
-            it = tasks.batches(
-                self.config,
-                self.workdir,
-                split="test",
-                batch_size=32,
-                seed=0,
-                shuffle=False,
-                repeat=False,
-                images=("image_hr",),
-            )
-            self._eval_batch = next(it)["image_hr"]
-        x = self._eval_batch
+        batch = self.eval_batch(("image_hr",), 32)
+        if batch is None:
+            return {}
+        x = batch["image_hr"]
         plain = np.asarray(self.reconstruct(self.plain, frozen["plain"], x))
         tuned = np.asarray(
             self.reconstruct(self.model, self.finetuned_params(state.params, frozen), x)

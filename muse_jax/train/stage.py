@@ -50,6 +50,42 @@ class Stage(abc.ABC):
         """Endless host-local training batches: exactly those an uninterrupted run would yield
         from step `start_step` on (the trainer passes the restored step)."""
 
+    def eval_batch(
+        self, images: tuple[str, ...], batch_size: int, keep_captions: bool = False
+    ) -> dict[str, np.ndarray] | None:
+        """The first `batch_size` examples of the held-out 'test' split, read once and kept.
+
+        None when the data has no 'test' split (user data with config.data.test_fraction=0):
+        the held-out summaries are then skipped, saying so once, and training goes on.
+        """
+        from muse_jax.data import tasks
+
+        cache = self.__dict__.setdefault("_eval_batches", {})
+        key = (tuple(images), batch_size, keep_captions)
+        if key not in cache:
+            if not tasks.has_split(self.config, self.workdir, "test"):
+                print(
+                    f"[{self.name}] the data has no 'test' split (config.data.test_fraction=0): "
+                    "held-out summaries are skipped",
+                    flush=True,
+                )
+                cache[key] = None
+            else:
+                cache[key] = next(
+                    tasks.batches(
+                        self.config,
+                        self.workdir,
+                        split="test",
+                        batch_size=batch_size,
+                        seed=0,
+                        shuffle=False,
+                        repeat=False,
+                        keep_captions=keep_captions,
+                        images=images,
+                    )
+                )
+        return cache[key]
+
     def data_stats(self) -> dict[str, float]:
         """Scalars about the training data (e.g. records skipped at build time), written once
         at the start step as `data/...`; building the data here also fails fast on a bad source."""

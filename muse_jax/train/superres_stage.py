@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax.data import tasks
 from muse_jax.models import factory
 from muse_jax.sampling.sampler import SuperResSampler
 from muse_jax.stages import has_cascade  # noqa: F401  (re-exported)
@@ -31,7 +30,6 @@ class SuperResStage(BaseStage):
     def __init__(self, config, workdir: str):
         self.hr_tokenizer = factory.superres_tokenizer(config)
         super().__init__(config, workdir)
-        self._eval_batch: dict[str, np.ndarray] | None = None
         self._tokenize_low = jax.jit(
             lambda p, x: self.tokenizer.apply({"params": p}, x, method=self.tokenizer.tokenize)
         )
@@ -79,20 +77,9 @@ class SuperResStage(BaseStage):
         (low-res input, super-res output, high-res original) rows and their alignment score."""
         from muse_jax.eval import alignment
 
-        if self._eval_batch is None:
-            it = tasks.batches(
-                self.config,
-                self.workdir,
-                split="test",
-                batch_size=16,
-                seed=0,
-                shuffle=False,
-                repeat=False,
-                keep_captions=True,
-                images=self.image_keys,
-            )
-            self._eval_batch = next(it)
-        b = self._eval_batch
+        b = self.eval_batch(self.image_keys, 16, keep_captions=True)
+        if b is None:
+            return {}
         captions = [c.decode() for c in b["caption"]]
         low = self._tokenize_low(frozen["tokenizer"], b["image"])
         cond = self.conditioner.encode(captions)

@@ -58,7 +58,6 @@ class TokenizerStage(stage.Stage):
         self.model = self.build_model()
         self.disc = make_discriminator(self.stage_config.loss)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
-        self._eval_batch: np.ndarray | None = None
         self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
 
     def build_model(self):
@@ -151,19 +150,10 @@ class TokenizerStage(stage.Stage):
         return params, jnp.where(dead, 1.0 / k, usage)
 
     def write_summaries(self, state, frozen, writer: metric_writers.MetricWriter, step: int):
-        if self._eval_batch is None:
-            it = tasks.batches(
-                self.config,
-                self.workdir,
-                split="test",
-                batch_size=32,
-                seed=0,
-                shuffle=False,
-                repeat=False,
-                images=(self.image_key,),
-            )
-            self._eval_batch = next(it)[self.image_key]
-        x = self._eval_batch
+        batch = self.eval_batch((self.image_key,), 32)
+        if batch is None:
+            return {}
+        x = batch[self.image_key]
         recon = np.asarray(self._reconstruct(state.params["vq"], x))
         mse = float(np.mean((np.clip(recon, -1, 1) - x) ** 2))
         pairs = np.concatenate([summaries.to_uint8(x[:16]), summaries.to_uint8(recon[:16])])
