@@ -16,6 +16,8 @@ a local `gs:` folder.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,10 @@ _LEGACY = "default"
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in a directory was written by a model of another shape."""
+
+
+class CheckpointSaveError(storage.StorageError):
+    """A save failed (disk full, no permission): training must stop at once."""
 
 
 class DamagedCheckpointError(ValueError):
@@ -87,6 +93,31 @@ def _rest(state: Any) -> dict[str, Any]:
     }
 
 
+class _OrbaxWriteErrors(logging.Filter):
+    """Drops orbax's own error logs (tracebacks from its writer threads): a failed save is
+    reported once, in one line, by `CheckpointSaveError`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_ORBAX_FILTER = _OrbaxWriteErrors()
+
+
+def _quiet_closed_loop_hook(previous):
+    """sys.excepthook that drops the 'Event loop is closed' errors tensorstore's callbacks
+    print after a failed save has stopped orbax's writer loop (the save error itself is
+    reported in one line); everything else goes to `previous`."""
+
+    def hook(kind, value, tb):
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+
+    hook.muse_jax_quiet = True
+    return hook
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` holding one stage's train states."""
 
@@ -96,6 +127,11 @@ class Checkpointer:
         """`writer=False` (readers of a trained model) creates nothing and cleans nothing;
         a writer removes the temporary folders of saves that never finished."""
         self.directory = storage.path(directory)
+        self._saving: int | None = None  # The step of the latest save started.
+        if writer:
+            logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # Idempotent.
+            if not getattr(sys.excepthook, "muse_jax_quiet", False):
+                sys.excepthook = _quiet_closed_loop_hook(sys.excepthook)
         with storage.checked("opening checkpoints in", directory):
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -152,7 +188,40 @@ class Checkpointer:
         finally:
             self.manager.reload()
 
+    def _save_failed(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+        """One line naming the failed step, why, and the last good checkpoint; the failed
+        save's temporary folder is removed (it frees the space it took)."""
+        for name in storage.listdir(str(self.directory)):
+            if ".orbax-checkpoint-tmp" in name:
+                try:
+                    storage.remove_tree(str(self.directory / name))
+                except OSError:
+                    pass
+        good = finalized_steps(str(self.directory))
+        last = f"step {good[-1]}" if good else "none"
+        return CheckpointSaveError(
+            f"Saving the checkpoint of step {step} in {self.directory} failed ({_reason(e)}). "
+            f"Stopped; the last good checkpoint is {last}."
+        )
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError when an asynchronous save has failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 -- whatever the writer hit, in one line.
+            raise self._save_failed(self._saving, e) from None
+
     def save(self, step: int, state: Any) -> None:
+        # The previous save has had a whole checkpoint interval to finish: waiting for it here
+        # costs nothing in practice and pins a failure on the step that failed.
+        self.wait()
+        self._saving = step
+        try:
+            self._save(step, state)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+
+    def _save(self, step: int, state: Any) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -257,10 +326,13 @@ class Checkpointer:
         return restored[_PARAMS]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._saving, e) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

@@ -5,6 +5,7 @@ trained smoke workdir."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -102,3 +103,50 @@ def test_damaged_optimizer_state_blocks_neither_sampling_nor_resuming(workdir, c
     assert os.path.isdir(run / "base" / "checkpoints" / f"{latest}.damaged")
     assert result.status == "completed" and result.step == config.base.train.num_steps
     assert _steps(run, "base")[-1] == latest
+
+
+def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
+    """Checkpoints on a 1 MiB tmpfs: a save soon fails. Training stops at once with one line
+    naming the failed step, the reason and the last good step, which stays intact."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    mount = workdir / "tokenizer" / "checkpoints"
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs (mount -t tmpfs -o size=1M ...)")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "muse_jax.train",
+                f"--config={root}/configs/shapes_tiny.py:smoke",
+                "--config.stage=tokenizer", f"--workdir={workdir}",
+                "--config.tokenizer.train.num_steps=30",
+                "--config.tokenizer.train.log_every=1",
+            ],
+            env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        found = re.fullmatch(
+            r"error: Saving the checkpoint of step (\d+) in (\S+) failed \((.*)\)\. "
+            r"Stopped; the last good checkpoint is step (\d+)\.",
+            last,
+        )
+        assert found, last
+        failed, where, why, good = found.groups()
+        assert where == str(mount) and "No space left on device" in why
+        assert int(good) < int(failed) and int(good) % 3 == 0
+        logged = [int(m) for m in re.findall(r"\[tokenizer\] step (\d+)/30", proc.stdout)]
+        assert max(logged) <= int(failed) + 3  # Stopped by the next save, not at step 30.
+        assert checkpoints.finalized_steps(str(mount))[-1] == int(good)
+        assert not [p for p in os.listdir(mount) if "tmp" in p]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -280,6 +280,7 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     vote = _StopVote()
     with _Preemption() as preemption, mesh:
         while step < num_steps:
+            ckpt.check()  # A failed asynchronous save stops training at once, in one line.
             k = steps_in_next_call(step, steps_per_call, num_steps, boundaries)
             if k == 1:
                 batch = parallel.shard_batch(next(batches), batch_sharding)
