@@ -16,6 +16,18 @@ def sigterm_after(
 ) -> tuple[int, str]:
     """Runs `python ARGS` from the repository root, sends SIGTERM once a line contains
     `marker`, and returns (exit code, everything it printed)."""
+    return signal_after(args, marker, signal.SIGTERM, env=env, timeout=timeout)
+
+
+def signal_after(
+    args: list[str],
+    marker: str,
+    sig: int,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, str]:
+    """As `sigterm_after`, with signal `sig` (e.g. SIGKILL)."""
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -28,7 +40,7 @@ def sigterm_after(
     for line in proc.stdout:
         seen.append(line)
         if marker in line:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
         assert time.time() < deadline, "".join(seen)
     out = "".join(seen) + proc.communicate(timeout=timeout)[0]

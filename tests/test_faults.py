@@ -150,3 +150,61 @@ def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
         assert not [p for p in os.listdir(mount) if "tmp" in p]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def _train_args(workdir, **keys) -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    return [
+        "-m",
+        "muse_jax.train",
+        f"--config={root}/configs/shapes_tiny.py:smoke",
+        "--config.stage=tokenizer",
+        f"--workdir={workdir}",
+        *(f"--config.tokenizer.train.{k}={v}" for k, v in keys.items()),
+    ]
+
+
+def test_sigterm_during_the_final_steps_and_close_still_checkpoints(tmp_path):
+    """The signal arrives after the last step's log line: summaries, the final save and the
+    close of the asynchronous writer still run; exit 0 with the last step saved."""
+    import signal
+
+    from tests.processes import signal_after
+
+    run = tmp_path / "run"
+    code, out = signal_after(
+        _train_args(run, num_steps=6, log_every=1), "[tokenizer] step 6/6", signal.SIGTERM
+    )
+    assert code == 0, out[-3000:]
+    assert _steps(run, "tokenizer")[-1] == 6
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(trained_smoke, tmp_path):
+    """SIGKILL right as step 6's save starts; the resume (from whatever step finished) ends
+    with exactly the state of an uninterrupted run."""
+    import signal
+
+    import jax
+
+    from muse_jax import parallel
+    from muse_jax.train.tokenizer_stage import TokenizerStage
+    from tests.processes import signal_after
+
+    config, _ = trained_smoke
+    keys = dict(num_steps=9, log_every=1, checkpoint_every=3)
+    killed = tmp_path / "killed"
+    code, out = signal_after(_train_args(killed, **keys), "[tokenizer] step 6/9", signal.SIGKILL)
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert set(_steps(killed, "tokenizer")) <= {3, 6}  # Unfinished saves are not steps.
+    config = config.copy_and_resolve_references()
+    config.tokenizer.train.update(keys)
+    whole = tmp_path / "whole"
+    for workdir in (killed, whole):
+        assert trainer.train(config, str(workdir), "tokenizer").step == 9
+    states = []
+    for workdir in (killed, whole):
+        stage = TokenizerStage(config, str(workdir))
+        mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+        abstract, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+        states.append(checkpoints.load_state(stage.stage_dir, abstract, "tokenizer")[0])
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
