@@ -40,6 +40,14 @@ def check_reachable(*paths: str | None) -> None:
             storage.check_reachable(path, "using")
 
 
+def missing_stage(e: FileNotFoundError, verb: str, cascade: bool) -> UsageError:
+    """A missing checkpoint as a usage error; it suggests `--stages=base` only when the
+    missing stage is a super-res one (for a missing base stage that advice would fail too)."""
+    superres = any(f"No {s} checkpoint" in str(e) for s in ("superres", "superres_tokenizer"))
+    hint = f" (or {verb} the base stage alone: --stages=base)" if cascade and superres else ""
+    return UsageError(f"{e}{hint}")
+
+
 def check_no_extra_args(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")

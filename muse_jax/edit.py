@@ -118,8 +118,7 @@ def main(argv):
             config, _WORKDIR.value, stages=stages, batch_size=max(16, _NUM.value)
         )
     except FileNotFoundError as e:
-        hint = " (or edit with the base stage alone: --stages=base)" if cascade else ""
-        raise cli.UsageError(f"{e}{hint}") from None
+        raise cli.missing_stage(e, "edit", cascade) from None
     kwargs = dict(
         num_images=_NUM.value,
         negative_prompt=_NEGATIVE.value,

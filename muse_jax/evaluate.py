@@ -82,8 +82,7 @@ def main(argv):
         else:
             runner.evaluate(_STEP.value)
     except FileNotFoundError as e:
-        hint = " (or evaluate the base stage alone: --stages=base)" if cascade else ""
-        raise cli.UsageError(f"{e}{hint}") from None
+        raise cli.missing_stage(e, "evaluate", cascade) from None
     return 0
 
 

@@ -51,8 +51,7 @@ def main(argv):
             config, _WORKDIR.value, stages=_STAGES.value, base_step=_STEP.value
         )
     except FileNotFoundError as e:
-        hint = " (or export the base stage alone: --stages=base)" if _STAGES.value != "base" else ""
-        raise cli.UsageError(f"{e}{hint}") from None
+        raise cli.missing_stage(e, "export", _STAGES.value != "base") from None
     data = config.data.get("dataset", "")
     manifest = export.export(loaded, out, source=_WORKDIR.value, data_description=data)
     total = sum(c["bytes"] for c in manifest["components"].values())

@@ -81,8 +81,7 @@ def main(argv):
             config, _WORKDIR.value, stages=stages, batch_size=_BATCH.value, max_images=_MAX.value
         )
     except FileNotFoundError as e:
-        hint = " (or sample the base stage alone: --stages=base)" if stages == "cascade" else ""
-        raise cli.UsageError(f"{e}{hint}") from None
+        raise cli.missing_stage(e, "sample", stages == "cascade") from None
     steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
     shown, shown_low, written = [], [], 0
     for part in pipe.generate([prompt], num_images_per_prompt=_NUM.value, seed=_SEED.value):

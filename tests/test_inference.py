@@ -341,3 +341,15 @@ def test_export_to_gcs_and_load_from_it(exported, tmp_path):
     assert "identical" in done.stdout
     assert {o.rsplit("/", 1)[-1] for o in objects} >= {"config.json", "base.safetensors"}
     assert not (tmp_path / "gs:").exists()
+
+
+def test_a_missing_stage_suggests_the_base_stage_only_when_that_would_work():
+    from muse_jax import cli
+
+    base = FileNotFoundError("No base checkpoint in w/base/checkpoints. Train that stage first.")
+    sr = FileNotFoundError("No superres checkpoint in w/superres/checkpoints. Train it first.")
+    assert "--stages=base" not in str(cli.missing_stage(base, "sample", cascade=True))
+    assert str(cli.missing_stage(sr, "sample", cascade=True)).endswith(
+        "(or sample the base stage alone: --stages=base)"
+    )
+    assert "--stages=base" not in str(cli.missing_stage(sr, "sample", cascade=False))
