@@ -19,6 +19,19 @@ class UsageError(Exception):
     """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
 
 
+def define_stages_flag(
+    base: str = "the base stage alone", cascade: str = "base -> super-res -> decoder"
+):
+    """The `--stages` flag of the sampling binaries (None: the cascade when the config has it)."""
+    return flags.DEFINE_enum(
+        "stages",
+        None,
+        ["base", "cascade"],
+        f"base: {base}; cascade: {cascade}. Default: cascade when the config has the super-res "
+        "stages.",
+    )
+
+
 def require_prompt(value: str | None) -> str:
     """The stripped prompt; an empty one is a usage error (it would mean unconditional sampling)."""
     prompt = (value or "").strip()

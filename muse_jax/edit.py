@@ -54,12 +54,8 @@ _NEGATIVE = flags.DEFINE_string(
 _NUM = flags.DEFINE_integer("num_samples", 4, "Edits to generate.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where PNGs are written.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces the edits.")
-_STAGES = flags.DEFINE_enum(
-    "stages",
-    None,
-    ["base", "cascade"],
-    "base: edit at the base resolution; cascade: base + super-res at the high resolution. "
-    "Default: cascade when the config has the super-res stages.",
+_STAGES = cli.define_stages_flag(
+    "edit at the base resolution", "base + super-res at the high resolution"
 )
 
 

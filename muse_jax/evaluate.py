@@ -45,13 +45,7 @@ from muse_jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
 _STEP = flags.DEFINE_integer("step", None, "Base checkpoint step to evaluate (default: latest).")
-_STAGES = flags.DEFINE_enum(
-    "stages",
-    None,
-    ["base", "cascade"],
-    "base: the base stage alone; cascade: base -> super-res -> decoder. Default: cascade when "
-    "the config has the super-res stages.",
-)
+_STAGES = cli.define_stages_flag()
 _WATCH = flags.DEFINE_bool("watch", False, "Evaluate each new base checkpoint as it appears.")
 _POLL = flags.DEFINE_float("poll_s", 60.0, "--watch: seconds between directory polls.")
 _TIMEOUT = flags.DEFINE_float(

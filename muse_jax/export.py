@@ -22,13 +22,7 @@ from muse_jax import cli, storage
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
 _OUT = flags.DEFINE_string("out", None, "Model directory to write (local or gs://).")
-_STAGES = flags.DEFINE_enum(
-    "stages",
-    None,
-    ["base", "cascade"],
-    "base: tokenizer + base stage; cascade: all five stages. Default: cascade when the config "
-    "has the super-res stages.",
-)
+_STAGES = cli.define_stages_flag("tokenizer + base stage", "all five stages")
 _STEP = flags.DEFINE_integer("step", None, "Base checkpoint step to export (default: latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
 

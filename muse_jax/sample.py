@@ -35,13 +35,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per sampler call (bounds memory).")
 _MAX = flags.DEFINE_integer("max_images", 1024, "Refuse requests for more images than this.")
 _GRID_MAX = 64  # grid.png shows at most this many images.
-_STAGES = flags.DEFINE_enum(
-    "stages",
-    None,
-    ["base", "cascade"],
-    "base: the base stage alone; cascade: base -> super-res -> decoder. Default: cascade when "
-    "the config has the super-res stages.",
-)
+_STAGES = cli.define_stages_flag()
 
 
 def _save_grid(images, path: str) -> None:
