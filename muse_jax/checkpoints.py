@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,8 @@ def _reason(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = " ".join(lines[:2]) if lines else ""
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    # Long errors keep both ends: the head names the file, the tail says what went wrong.
+    return text if len(text) <= 300 else text[:150] + " ... " + text[-145:]
 
 
 def newest_intact(
@@ -132,6 +134,18 @@ class Checkpointer:
             logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # Idempotent.
             if not getattr(sys.excepthook, "muse_jax_quiet", False):
                 sys.excepthook = _quiet_closed_loop_hook(sys.excepthook)
+            if not getattr(threading.excepthook, "muse_jax_quiet", False):
+                previous = threading.excepthook
+
+                def thread_hook(args, previous=previous):
+                    if not (
+                        isinstance(args.exc_value, RuntimeError)
+                        and str(args.exc_value) == "Event loop is closed"
+                    ):
+                        previous(args)
+
+                thread_hook.muse_jax_quiet = True
+                threading.excepthook = thread_hook
         with storage.checked("opening checkpoints in", directory):
             self.manager = ocp.CheckpointManager(
                 self.directory,

@@ -133,8 +133,12 @@ def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
             timeout=600,
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
-        last = proc.stderr.strip().splitlines()[-1]
+        # Our report is one line. (In a minority of runs, orbax's and tensorstore's writer
+        # threads also print "Event loop is closed" noise while the process shuts down.)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, proc.stderr[-6000:]
+        assert "muse_jax/" not in proc.stderr  # No traceback through our code.
+        last = errors[0]
         found = re.fullmatch(
             r"error: Saving the checkpoint of step (\d+) in (\S+) failed \((.*)\)\. "
             r"Stopped; the last good checkpoint is step (\d+)\.",
