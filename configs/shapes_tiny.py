@@ -150,6 +150,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     # "auto" | "heads_major" | "xla" | "cudnn" (muse_jax/models/attention.py):
                     # auto = heads_major on CPU, jax.nn.dot_product_attention elsewhere.
                     attention="auto",
+                    # Memory and compile-time levers (`python -m muse_jax.aot` shows their
+                    # effect on a TPU): remat "none" | "full" | "save_dots" recomputes each
+                    # block's activations in the backward pass; scan_layers compiles one
+                    # layer body for the whole stack (its checkpoints stack the layers, so a
+                    # run keeps the value it started with).
+                    remat="none",
+                    scan_layers=False,
                 )
             ),
             text_encoder=ml_collections.ConfigDict(
@@ -206,6 +213,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     dropout=0.0,
                     dtype="float32",
                     attention="auto",
+                    remat="none",  # As config.base.model's (both stacks).
+                    scan_layers=False,  # The high-res stack.
                     # Add each high-res token's parent low-res features to its input (beside
                     # the paper's cross-attention path): measured on this default, cross-
                     # attention alone does not learn to follow the low-res layout in a few
@@ -317,6 +326,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 ("heads", "tensor"),
                 ("joined_kv", "tensor"),  # T5X-layout attention kernels: heads * head_dim.
                 ("relpos_buckets", None),
+                ("layers", None),  # The stacked layer axis of scan_layers.
                 ("context_embed", None),
                 ("kv", None),
                 ("vocab", "tensor"),

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from muse_jax import checkpoints, parallel, storage
 from muse_jax.inference import modules as modules_lib
@@ -120,18 +121,28 @@ class Model:
         return cls(config, None, conditioner, {"base": params}, {}, {}, sampler)
 
 
-def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) -> Model:
+def load(
+    config,
+    reader: Reader | None,
+    conditioner: TextConditioner,
+    cascade: bool,
+    mesh: Mesh | None = None,
+) -> Model:
     """Builds `config`'s modules and reads their parameters from `reader`.
 
     With `cascade`, the super-res stage and high-res tokenizer are required; the fine-tuned
     decoder is used when the reader has one (otherwise the tokenizer's own decoder decodes).
+    `reader` None: an abstract model, every parameter a `jax.ShapeDtypeStruct` with its
+    sharding on `mesh` (default: the config's mesh on this host's devices), the fine-tuned
+    decoder included; nothing is read. `muse_jax.aot` compiles its samplers.
     """
     # A missing stage is the first thing to report, before any work: the transformers first
     # (what a user most likely forgot to train), then their tokenizers.
     required = ["base", "tokenizer"] + (["superres", "superres_tokenizer"] if cascade else [])
-    for name in required:
+    for name in required if reader is not None else ():
         reader.require(name)
-    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    mesh = mesh or parallel.create_mesh(config)
+    rules = parallel.rules(config)
     emb_shape = None
     vocab_size = None
     if conditioner.precomputed:
@@ -142,15 +153,15 @@ def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) ->
     names = list(modules_lib.BASE_COMPONENTS)
     if cascade:
         names += ["superres_tokenizer", "superres"]
-        if mods.finetuned_decoder is not None and reader.has("decoder"):
+        if mods.finetuned_decoder is not None and (reader is None or reader.has("decoder")):
             names.append("decoder")
     stage_params: dict[str, Any] = {}
     steps: dict[str, int | None] = {}
     for name in names:
-        stage_params[name], steps[name] = read_stage(config, reader, mods, name, emb_shape)
+        stage_params[name], steps[name] = read_stage(config, reader, mods, name, emb_shape, mesh)
     frozen_text = None
     if mods.text_encoder is not None and not mods.text_trainable:
-        frozen_text = _frozen_text_encoder(config, mods, mesh, rules)
+        frozen_text = _frozen_text_encoder(config, mods, mesh, rules, abstract=reader is None)
 
     def sampler_params(stage: str, vq: Any) -> dict[str, Any]:
         p = {"transformer": stage_params[stage]["transformer"], "tokenizer": vq}
@@ -180,27 +191,38 @@ def load(config, reader: Reader, conditioner: TextConditioner, cascade: bool) ->
 
 
 def read_stage(
-    config, reader: Reader, mods: modules_lib.Modules, name: str, emb_shape=None
+    config,
+    reader: Reader | None,
+    mods: modules_lib.Modules,
+    name: str,
+    emb_shape=None,
+    mesh: Mesh | None = None,
 ) -> tuple[Any, int | None]:
-    """(the parameters sampling needs of stage `name`, placed on the config's mesh, its step)."""
-    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    """(the parameters sampling needs of stage `name`, placed on `mesh` (default: the config's),
+    its step); `reader` None: their abstract shapes and shardings, step None."""
+    mesh, rules = mesh or parallel.create_mesh(config), parallel.rules(config)
     init = modules_lib.param_tree(config, mods, name, emb_shape)
     abstract, _ = parallel.abstract_state(init, jax.random.PRNGKey(0), mesh, rules)
+    if reader is None:
+        return abstract, None
     return reader.read(name, abstract)
 
 
-def _frozen_text_encoder(config, mods, mesh, rules) -> Any:
-    """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint."""
+def _frozen_text_encoder(config, mods, mesh, rules, abstract: bool = False) -> Any:
+    """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint
+    (`abstract`: their shapes and shardings only)."""
     from muse_jax.text import loading
 
     length = config.data.text_length
-    abstract, shardings = parallel.abstract_state(
+    shapes, shardings = parallel.abstract_state(
         lambda r: modules_lib.init_text(mods.text_encoder, length, r),
         jax.random.PRNGKey(0),
         mesh,
         rules,
     )
-    return loading.load_text_encoder(config, abstract, shardings)
+    if abstract:
+        return shapes
+    return loading.load_text_encoder(config, shapes, shardings)
 
 
 def resolve_stages(config, stages: str | None) -> bool:

@@ -23,6 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import kernels
+
 IMPLEMENTATIONS = ("auto", "heads_major", "xla", "cudnn")
 
 # Added to the scores of masked-out keys. Finite so that a row with every key masked gives a
@@ -94,7 +96,7 @@ def dot_product_attention(
     """
     check_implementation(implementation)
     if implementation == "auto":
-        implementation = "heads_major" if jax.default_backend() == "cpu" else "xla"
+        implementation = "heads_major" if kernels.on_cpu() else "xla"
     if implementation != "heads_major":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     bias = None

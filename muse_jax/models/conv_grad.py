@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from muse_jax.models import kernels
 from muse_jax.models import precision as precision_lib
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -122,7 +123,7 @@ def conv_general_dilated(dtype: Any) -> Callable:
         precision: Any = None,
         preferred_element_type: Any = None,
     ) -> jax.Array:
-        if jax.default_backend() != "cpu" or not _is_plain_nhwc(
+        if not kernels.on_cpu() or not _is_plain_nhwc(
             lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
         ):
             return lax.conv_general_dilated(

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 from jax import lax
 
+from muse_jax.models import kernels
 from muse_jax.models import precision as precision_lib
 
 
@@ -83,7 +84,7 @@ def dot_general(dtype: Any, transposed_weight_grad: bool = True) -> Callable:
     ) -> jax.Array:
         if (
             not transposed_weight_grad
-            or jax.default_backend() != "cpu"
+            or not kernels.on_cpu()
             or not _is_dense(lhs, rhs, dimension_numbers)
         ):
             return lax.dot_general(

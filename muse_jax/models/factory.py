@@ -74,6 +74,8 @@ def base_transformer(config) -> MaskedTransformer:
         dropout=m.dropout,
         dtype=get_dtype(m.dtype),
         attention=m.get("attention", "auto"),
+        remat=m.get("remat", "none"),
+        scan_layers=bool(m.get("scan_layers", False)),
     )
 
 
@@ -94,6 +96,8 @@ def superres_transformer(config) -> SuperResTransformer:
         dtype=get_dtype(m.get("dtype", "float32")),
         aligned_lowres=m.get("aligned_lowres", False),
         attention=m.get("attention", "auto"),
+        remat=m.get("remat", "none"),
+        scan_layers=bool(m.get("scan_layers", False)),
     )
 
 

@@ -6,7 +6,9 @@ and a softmax over the codebook at every position. The [MASK] token is id `vocab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -16,7 +18,89 @@ import jax.numpy as jnp
 from muse_jax.models import layers
 from muse_jax.models.layers import Dtype, constrain, partitioned
 
-ContextKV = Sequence[tuple[jax.Array, jax.Array]]
+# Every layer's cross-attention (keys, values): a list of per-layer pairs, or, with
+# `scan_layers`, one pair of arrays stacked on a leading layer axis. Only `logits` reads it.
+ContextKV = Sequence[tuple[jax.Array, jax.Array]] | tuple[jax.Array, jax.Array]
+
+# Rematerialisation of each transformer block's activations in the backward pass.
+#   none: keep every activation (fastest, most memory);
+#   full: keep only each block's input and recompute the rest;
+#   save_dots: keep the outputs of the weight matmuls, recompute the rest (attention scores
+#     and softmax, norms, activations): most of the saving of `full` for a fraction of its
+#     recompute, the usual choice for long sequences.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str) -> str:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}.")
+    return name
+
+
+def _layer_step(
+    block: Block,
+    x: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None,
+    *,
+    self_mask: jax.Array | None,
+    context_mask: jax.Array | None,
+    deterministic: bool,
+) -> tuple[jax.Array, None]:
+    """One block as a scan body: (carry, per-layer input) -> (carry, nothing)."""
+    out = block(
+        x,
+        self_mask=self_mask,
+        context_kv=kv,
+        context_mask=context_mask,
+        deterministic=deterministic,
+    )
+    return out, None
+
+
+def run_blocks(
+    blocks: Any,
+    x: jax.Array,
+    kv: Any,
+    *,
+    remat: str,
+    scan: bool,
+    depth: int,
+    self_mask: jax.Array | None = None,
+    context_mask: jax.Array | None = None,
+    deterministic: bool = True,
+) -> jax.Array:
+    """Applies `depth` blocks to `x`, unrolled (`blocks` a list, `kv` per layer or None) or as
+    one `nn.scan` (`blocks` one Block whose parameters carry a leading "layers" axis, `kv`
+    stacked). Either way each block is rematerialised by the `remat` policy. The two layouts
+    compute the same function: `scan` trades a parameter tree with stacked layers for one
+    compiled layer body (compile time and program size no longer grow with depth)."""
+    step = functools.partial(
+        _layer_step, self_mask=self_mask, context_mask=context_mask, deterministic=deterministic
+    )
+    policy = REMAT_POLICIES[check_remat(remat)]
+    if policy is not None:
+        # prevent_cse only matters outside a scan (XLA could merge the recompute into the
+        # forward pass); inside one it blocks optimisations for nothing.
+        step = nn.remat(step, policy=policy, prevent_cse=not scan)
+    if scan:
+        x, _ = nn.scan(step, length=depth, **_SCAN_KW)(blocks, x, kv)
+        return x
+    for i, block in enumerate(blocks):
+        x, _ = step(block, x, None if kv is None else kv[i])
+    return x
+
+
+# Scanned blocks: parameters stacked on a leading axis named "layers" (replicated by the rules:
+# each device holds its shard of every layer), a fresh parameter and dropout key per layer.
+_SCAN_KW = dict(
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    metadata_params={nn.PARTITION_NAME: "layers"},
+)
 
 
 class Block(nn.Module):
@@ -84,6 +168,8 @@ class MaskedTransformer(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    remat: str = "none"  # See `REMAT_POLICIES`.
+    scan_layers: bool = False  # One `nn.scan` over the blocks (see `run_blocks`).
 
     @property
     def mask_id(self) -> int:
@@ -103,18 +189,14 @@ class MaskedTransformer(nn.Module):
         )
         self.context_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         self.context_norm = layers.LayerNorm(self.dtype)
-        self.blocks = [
-            Block(
-                self.width,
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout,
-                True,
-                self.dtype,
-                self.attention,
-            )
-            for _ in range(self.depth)
-        ]
+        block = functools.partial(
+            Block, self.width, self.num_heads, self.mlp_dim, self.dropout, True, self.dtype,
+            self.attention,
+        )  # fmt: skip
+        if self.scan_layers:
+            self.blocks = block()
+        else:
+            self.blocks = [block() for _ in range(self.depth)]
         self.final_norm = layers.LayerNorm(self.dtype)
         self.head = layers.dense(self.vocab_size, "embed", "vocab", self.dtype)
 
@@ -122,6 +204,9 @@ class MaskedTransformer(nn.Module):
         """Projects text embeddings [B, S, C] to every layer's cross-attention (keys, values)."""
         c = self.context_norm(self.context_proj(context))
         c = constrain(c, "batch", "length", "embed")
+        if self.scan_layers:
+            kv_step = lambda block, carry, _: (carry, block.context_kv(carry))
+            return nn.scan(kv_step, length=self.depth, **_SCAN_KW)(self.blocks, c, None)[1]
         return [block.context_kv(c) for block in self.blocks]
 
     def logits(
@@ -140,8 +225,16 @@ class MaskedTransformer(nn.Module):
         if input_embed is not None:
             x = x + input_embed.astype(x.dtype)
         x = constrain(x, "batch", "length", "embed")
-        for block, kv in zip(self.blocks, context_kv):
-            x = block(x, context_kv=kv, context_mask=context_mask, deterministic=deterministic)
+        x = run_blocks(
+            self.blocks,
+            x,
+            context_kv,
+            remat=self.remat,
+            scan=self.scan_layers,
+            depth=self.depth,
+            context_mask=context_mask,
+            deterministic=deterministic,
+        )
         logits = self.head(self.final_norm(x))
         return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
 
@@ -171,6 +264,7 @@ class TinyTextEncoder(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    remat: str = "none"  # See `REMAT_POLICIES` (the super-res stage's low-res encoder).
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -188,8 +282,8 @@ class TinyTextEncoder(nn.Module):
         )
         x = x + pos[None, : ids.shape[1]].astype(self.dtype)
         attn_mask = mask[:, None, None, :].astype(bool)
-        for i in range(self.depth):
-            x = Block(
+        blocks = [
+            Block(
                 self.width,
                 self.num_heads,
                 self.mlp_dim,
@@ -198,7 +292,12 @@ class TinyTextEncoder(nn.Module):
                 self.dtype,
                 self.attention,
                 name=f"block_{i}",
-            )(x, self_mask=attn_mask)
+            )
+            for i in range(self.depth)
+        ]
+        x = run_blocks(
+            blocks, x, None, remat=self.remat, scan=False, depth=self.depth, self_mask=attn_mask
+        )
         x = layers.LayerNorm(self.dtype)(x)
         return (x * mask[..., None]).astype(jnp.float32)
 
@@ -228,6 +327,8 @@ class SuperResTransformer(nn.Module):
     # aligned path that small, briefly trained models learn to follow far sooner.
     aligned_lowres: bool = False
     attention: str = "auto"
+    remat: str = "none"  # Both stacks; see `REMAT_POLICIES`.
+    scan_layers: bool = False  # The high-res stack (the low-res encoder stays unrolled).
 
     @property
     def mask_id(self) -> int:
@@ -245,6 +346,7 @@ class SuperResTransformer(nn.Module):
             mlp_dim=self.mlp_dim,
             dtype=self.dtype,
             attention=self.attention,
+            remat=self.remat,
         )
         self.text_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         self.high = MaskedTransformer(
@@ -257,6 +359,8 @@ class SuperResTransformer(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             attention=self.attention,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
         )
 
     def encode_context(

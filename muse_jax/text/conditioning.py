@@ -71,6 +71,52 @@ class TextConditioner:
         return batch
 
 
+class ShapeConditioner:
+    """The text input's shapes and dtypes without a vocabulary or an embedding table: what
+    `muse_jax.aot` compiles a stage with. `encode` returns zeros of the real input's shapes."""
+
+    def __init__(self, config, precomputed: bool):
+        self.config = config
+        self._precomputed = precomputed
+
+    @property
+    def precomputed(self) -> bool:
+        return self._precomputed
+
+    @functools.cached_property
+    def vocab(self):
+        """An object with the vocabulary size the text encoder embeds."""
+        import types
+
+        from muse_jax.models import t5
+
+        tcfg = self.config.base.text_encoder
+        name = self.config.data.get("vocabulary", "shapes")
+        if tcfg.name == "t5":
+            size = t5.get_config(tcfg.preset).vocab_size
+        elif name == "shapes":
+            from muse_jax.data import shapes
+
+            size = len(shapes.vocabulary_words()) + 3  # See vocabulary.train_shapes_vocabulary.
+        else:
+            size = vocabulary.get_vocabulary(self.config, "", create=False).vocab_size
+        return types.SimpleNamespace(vocab_size=size)
+
+    def encode(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        n, length = len(captions), self.config.data.text_length
+        mask = np.zeros((n, length), np.int32)
+        if not self.precomputed:
+            return {"text_ids": np.zeros((n, length), np.int32), "text_mask": mask}
+        tcfg = self.config.base.text_encoder
+        if tcfg.name == "t5":
+            from muse_jax.models import t5
+
+            width = t5.get_config(tcfg.preset).d_model
+        else:
+            width = tcfg.width
+        return {"text_emb": np.zeros((n, length, width), np.float32), "text_mask": mask}
+
+
 def encode_ids(vocab, captions: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """T5 convention: ids + EOS, zero padding; captions longer than `length` are cut with a warning."""
     ids = np.zeros((len(captions), length), np.int32)

@@ -30,10 +30,12 @@ def tokenizer_dir(config, workdir: str) -> str:
     return stages.stage_dir(config, workdir, "tokenizer")
 
 
-def load_tokenizer_params(config, workdir: str, mesh, axis_rules) -> tuple[Any, int]:
+def load_tokenizer_params(
+    config, workdir: str, mesh, axis_rules, abstract: bool = False
+) -> tuple[Any, int]:
     """The trained tokenizer's parameters (replicated/sharded by the rules) and their step."""
     params, step = stage.load_trained(
-        config, workdir, "tokenizer", mesh, axis_rules, tokenizer_dir(config, workdir)
+        config, workdir, "tokenizer", mesh, axis_rules, tokenizer_dir(config, workdir), abstract
     )
     return params["vq"], step
 
@@ -43,10 +45,12 @@ class BaseStage(stage.Stage):
     name = "base"
     image_keys: tuple[str, ...] = ("image",)  # The resolutions `targets` reads.
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, conditioner: TextConditioner | None = None):
+        """`conditioner`: the captions' text input (default: the config's, reading its
+        vocabulary or embedding table); `muse_jax.aot` passes a shapes-only one."""
         super().__init__(config, workdir)
         self.tokenizer = factory.tokenizer(config)
-        self.conditioner = TextConditioner(config, workdir)
+        self.conditioner = conditioner or TextConditioner(config, workdir)
         tcfg = self.config.base.text_encoder  # One text configuration for every stage.
         if self.conditioner.precomputed:
             self.text_encoder = None
@@ -109,27 +113,40 @@ class BaseStage(stage.Stage):
             extra={},
         )
 
-    def frozen(self, mesh, axis_rules) -> Any:
-        params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules)
-        print(
-            f"[{self.name}] using tokenizer checkpoint step {step} from {tokenizer_dir(self.config, self.workdir)}"
-        )
+    def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
+        params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules, abstract)
+        if not abstract:
+            print(
+                f"[{self.name}] using tokenizer checkpoint step {step} from "
+                f"{tokenizer_dir(self.config, self.workdir)}"
+            )
         frozen = {"tokenizer": params}
         if self.text_encoder is not None and not self.text_trainable:
-            frozen["text_encoder"] = self.frozen_text_encoder(mesh, axis_rules)
+            frozen["text_encoder"] = self.frozen_text_encoder(mesh, axis_rules, abstract)
         return frozen
 
-    def frozen_text_encoder(self, mesh, axis_rules) -> Any:
+    def frozen_text_encoder(self, mesh, axis_rules, abstract: bool = False) -> Any:
         """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint."""
         from muse_jax.text import loading
 
-        abstract, shardings = parallel.abstract_state(
+        shapes, shardings = parallel.abstract_state(
             self._text_init, jax.random.PRNGKey(0), mesh, axis_rules
         )
-        return loading.load_text_encoder(self.config, abstract, shardings)
+        if abstract:
+            return shapes
+        return loading.load_text_encoder(self.config, shapes, shardings)
 
     def data_stats(self) -> dict[str, float]:
         return tasks.data_stats(self.config, self.workdir)
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        spec = {}
+        for key in self.image_keys:
+            size = self.config.data.image_size if key == "image" else self.config.data.hr_image_size
+            spec[key] = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+        for key, value in self.empty.items():  # The text input, as the empty prompt's.
+            spec[key] = jax.ShapeDtypeStruct((batch_size,) + value.shape[1:], value.dtype)
+        return spec
 
     def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(

@@ -72,11 +72,12 @@ class DecoderStage(stage.Stage):
             extra={},
         )
 
-    def _tokenizer_params(self, mesh, axis_rules) -> Any:
+    def _tokenizer_params(self, mesh, axis_rules, abstract: bool = False) -> Any:
         params, step = stage.load_trained(
-            self.config, self.workdir, "superres_tokenizer", mesh, axis_rules
+            self.config, self.workdir, "superres_tokenizer", mesh, axis_rules, abstract=abstract
         )
-        print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
+        if not abstract:
+            print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
         return params["vq"]
 
     def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
@@ -88,13 +89,17 @@ class DecoderStage(stage.Stage):
         )
         return state.replace(params={**state.params, "decoder": decoder})
 
-    def frozen(self, mesh, axis_rules) -> Any:
+    def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
         """The high-res tokenizer: its encoder and codebook make the tokens, never trained."""
-        vq = self._tokenizer_params(mesh, axis_rules)
+        vq = self._tokenizer_params(mesh, axis_rules, abstract)
         return {"encoder": vq["encoder"], "quantizer": vq["quantizer"], "plain": vq}
 
     def data_stats(self) -> dict[str, float]:
         return tasks.data_stats(self.config, self.workdir)
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size, self.image_size, self.image_size, 3)
+        return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
 
     def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(

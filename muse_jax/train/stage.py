@@ -97,9 +97,19 @@ class Stage(abc.ABC):
         del mesh, axis_rules
         return state
 
-    def frozen(self, mesh, axis_rules) -> Any:
-        """Arrays the step reads but never trains (e.g. the tokenizer for the base stage)."""
+    def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
+        """Arrays the step reads but never trains (e.g. the tokenizer for the base stage).
+
+        `abstract`: their shapes, dtypes and shardings only (`jax.ShapeDtypeStruct`s), read
+        from nothing: what `muse_jax.aot` compiles the step against.
+        """
+        del mesh, axis_rules, abstract
         return None
+
+    @abc.abstractmethod
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The device entries of a global batch of `batch_size`: the shapes and dtypes
+        `batches` yields (a test holds the two together), for compiling without data."""
 
     def write_summaries(
         self, state: TrainState, frozen: Any, writer: metric_writers.MetricWriter, step: int
@@ -131,15 +141,24 @@ def get(name: str) -> type[Stage]:
 
 
 def load_trained(
-    config, workdir: str, name: str, mesh, axis_rules, stage_dir: str | None = None
+    config,
+    workdir: str,
+    name: str,
+    mesh,
+    axis_rules,
+    stage_dir: str | None = None,
+    abstract: bool = False,
 ) -> tuple[Any, int]:
     """The latest trained parameters of stage `name` (sharded by the rules) and their step;
     only the parameters are read, never the optimizer state.
 
+    `abstract`: their `jax.ShapeDtypeStruct`s (with shardings) and step 0, reading nothing.
     Raises FileNotFoundError with one clear line when that stage has no checkpoint.
     """
     from muse_jax import checkpoints, parallel
 
     other = get(name)(config, workdir)
-    abstract, _ = parallel.abstract_state(other.init, jax.random.PRNGKey(0), mesh, axis_rules)
-    return checkpoints.load_params(stage_dir or other.stage_dir, abstract.params, name)
+    state, _ = parallel.abstract_state(other.init, jax.random.PRNGKey(0), mesh, axis_rules)
+    if abstract:
+        return state.params, 0
+    return checkpoints.load_params(stage_dir or other.stage_dir, state.params, name)

@@ -27,9 +27,9 @@ class SuperResStage(BaseStage):
     name = "superres"
     image_keys = ("image", "image_hr")
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, conditioner=None):
         self.hr_tokenizer = factory.superres_tokenizer(config)
-        super().__init__(config, workdir)
+        super().__init__(config, workdir, conditioner)
         self._tokenize_low = jax.jit(
             lambda p, x: self.tokenizer.apply({"params": p}, x, method=self.tokenizer.tokenize)
         )
@@ -45,12 +45,13 @@ class SuperResStage(BaseStage):
     def init_inputs(self) -> dict[str, jax.Array]:
         return {"lowres_tokens": jnp.zeros((1, self.transformer.lowres_len), jnp.int32)}
 
-    def frozen(self, mesh, axis_rules) -> Any:
-        frozen = super().frozen(mesh, axis_rules)
+    def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
+        frozen = super().frozen(mesh, axis_rules, abstract)
         params, step = stage.load_trained(
-            self.config, self.workdir, "superres_tokenizer", mesh, axis_rules
+            self.config, self.workdir, "superres_tokenizer", mesh, axis_rules, abstract=abstract
         )
-        print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
+        if not abstract:
+            print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
         frozen["superres_tokenizer"] = params["vq"]
         return frozen
 

@@ -86,6 +86,10 @@ class TokenizerStage(stage.Stage):
     def data_stats(self) -> dict[str, float]:
         return tasks.data_stats(self.config, self.workdir)
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size, self.image_size, self.image_size, 3)
+        return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
+
     def batches(self, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         it = tasks.batches(
             self.config,

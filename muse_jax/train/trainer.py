@@ -203,6 +203,25 @@ def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {k: np.stack([b[k] for b in batches]) for k in keys}
 
 
+def jit_train_step(
+    stage: stage_lib.Stage, shardings: Any, batch_sharding, axis_rules, multi: bool = False
+) -> Callable:
+    """The stage's jitted train step, (state, batch, frozen) -> (state, metrics), with the
+    state sharded and donated and the batch split over the data axes: the program `train` runs
+    and `muse_jax.aot` compiles. `multi`: several steps per call (`multi_step`)."""
+
+    def step_fn(state, batch, frozen):
+        with nn.logical_axis_rules(list(axis_rules)):
+            return stage.train_step(state, batch, frozen)
+
+    return jax.jit(
+        multi_step(step_fn) if multi else step_fn,
+        in_shardings=(shardings, batch_sharding, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+
+
 def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     """Runs (or resumes) the stage `stage_name` (default `config.stage`) in `workdir/<stage>`.
 
@@ -241,25 +260,10 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
 
     frozen = stage.frozen(mesh, axis_rules)
     batch_sharding = parallel.batch_sharding(mesh, axis_rules)
-
-    def step_fn(state, batch, frozen):
-        with nn.logical_axis_rules(list(axis_rules)):
-            return stage.train_step(state, batch, frozen)
-
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    train_step = jit_train_step(stage, shardings, batch_sharding, axis_rules)
     train_steps, stacked_sharding = None, parallel.stacked(batch_sharding)
     if steps_per_call > 1:
-        train_steps = jax.jit(
-            multi_step(step_fn),
-            in_shardings=(shardings, stacked_sharding, None),
-            out_shardings=(shardings, None),
-            donate_argnums=(0,),
-        )
+        train_steps = jit_train_step(stage, shardings, stacked_sharding, axis_rules, multi=True)
     writer = metric_writers.create_default_writer(
         stage.stage_dir, just_logging=jax.process_index() > 0, asynchronous=True
     )
