@@ -57,12 +57,33 @@ class Result:
     roofline: Any  # compiled_stats.Roofline
     hbm_bytes: int
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A program the compiler refused for memory: its own words, and the bytes it asked for
+    # (memory, cost and collectives are then None / empty).
+    error: str = ""
+    required_bytes: float = 0.0
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= self.hbm_bytes
+        return not self.error and self.memory.total <= self.hbm_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.required_bytes if self.error else self.memory.total
 
     def to_json(self) -> dict[str, Any]:
+        if self.error:
+            return {
+                "program": self.program,
+                "topology": self.topology,
+                "mesh": self.mesh,
+                "batch": self.batch,
+                "settings": self.settings,
+                "fits": False,
+                "error": self.error,
+                "required_bytes": self.required_bytes,
+                "hbm_bytes": self.hbm_bytes,
+                "compile_s": self.compile_s,
+            }
         return {
             "program": self.program,
             "topology": self.topology,
@@ -85,8 +106,26 @@ class Result:
 # Meshes.
 
 
+def mesh_shape(shape_cfg, num_chips: int, num_slices: int = 1) -> tuple[int, ...]:
+    """The config's (data, fsdp, tensor) sizes on `num_chips` (ValueError in one line)."""
+    from muse_jax import parallel
+
+    try:
+        shape = parallel.mesh_shape(shape_cfg, num_chips)
+    except ValueError as e:
+        raise ValueError(
+            f"{e} Valid: data*fsdp*tensor = {num_chips} (one axis may be -1: the rest)."
+        ) from None
+    if shape[0] % num_slices:
+        raise ValueError(
+            f"data={shape[0]} does not divide over {num_slices} slices: the data axis spans "
+            "the slices; make it a multiple of num_slices."
+        )
+    return shape
+
+
 def make_mesh(shape_cfg, devices: Sequence[Any], num_slices: int = 1):
-    """The config's (data, fsdp, tensor) mesh over `devices` (ValueError in one line).
+    """The config's (data, fsdp, tensor) mesh over `devices`.
 
     Within a slice the devices are laid out so that each mesh axis follows the torus
     (`mesh_utils`); several slices stack on the data axis, which must then divide by them.
@@ -97,16 +136,8 @@ def make_mesh(shape_cfg, devices: Sequence[Any], num_slices: int = 1):
 
     from muse_jax import parallel
 
-    try:
-        shape = parallel.mesh_shape(shape_cfg, len(devices))
-    except ValueError as e:
-        raise ValueError(f"{e} Valid: sizes whose product is {len(devices)}.") from None
+    shape = mesh_shape(shape_cfg, len(devices), num_slices)
     if num_slices > 1:
-        if shape[0] % num_slices:
-            raise ValueError(
-                f"data={shape[0]} does not divide over {num_slices} slices: the data axis "
-                "spans the slices; make it a multiple of num_slices."
-            )
         ici = (shape[0] // num_slices,) + shape[1:]
         grid = mesh_utils.create_hybrid_device_mesh(
             ici, (num_slices, 1, 1), devices, allow_split_physical_axes=True
@@ -123,8 +154,10 @@ def _mesh_dict(mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def check_batch(batch: int, mesh, what: str) -> None:
-    data = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch(batch: int, shape: Sequence[int] | Any, what: str) -> None:
+    """`batch` must split evenly over the data axes (data * fsdp) of a mesh or mesh shape."""
+    sizes = tuple(shape.devices.shape) if hasattr(shape, "devices") else tuple(shape)
+    data = sizes[0] * sizes[1]
     if batch < 1 or batch % data:
         raise ValueError(
             f"{what} batch {batch} does not divide over the data axes data*fsdp={data}; "
@@ -225,7 +258,12 @@ def compile_program(
         warnings.simplefilter("ignore", DeprecationWarning)
         with kernels.target("tpu"), mesh:
             traced = fn.trace(*args)
-            compiled = traced.lower().compile()
+            try:
+                compiled = traced.lower().compile()
+            except Exception as e:  # XLA's JaxRuntimeError; only memory refusals are results.
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                return _refused(label, str(e), mesh, topology, batch, settings, time.time() - t)
     compile_s = time.time() - t
     once = compiled_stats.jaxpr_flops(traced.jaxpr, count_loops=False)
     loops = compiled_stats.jaxpr_flops(traced.jaxpr, count_loops=True)
@@ -258,6 +296,40 @@ def compile_program(
     )
 
 
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def required_bytes(message: str) -> float:
+    """The bytes an XLA:TPU out-of-memory refusal asked for (0 when it names none), e.g.
+    '... memory required for HLO temporaries (310.00G) exceeds available HBM (30.75G)' or
+    '... Used 40.2G of 31.25G hbm. Exceeded hbm capacity by 9.0G.'"""
+    import re
+
+    m = re.search(r"\(([\d.]+)([KMGT]?)\) exceeds available", message)
+    if m is None:
+        m = re.search(r"Used ([\d.]+)([KMGT]?) of", message)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
+
+
+def _refused(label, message, mesh, topology, batch, settings, compile_s) -> Result:
+    first = next((ln.strip() for ln in message.splitlines() if ln.strip()), message)
+    return Result(
+        label,
+        topology.name,
+        _mesh_dict(mesh),
+        batch,
+        None,
+        {},
+        {},
+        compile_s,
+        None,
+        topology.chip.hbm_bytes,
+        settings,
+        error=first,
+        required_bytes=required_bytes(message),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Report.
 
@@ -269,11 +341,18 @@ def _gib(b: float) -> str:
 def format_result(r: Result) -> str:
     m = r.memory
     mesh = ",".join(f"{k}={v}" for k, v in r.mesh.items())
-    verdict = "fits" if r.fits else f"DOES NOT FIT (+{_gib(m.total - r.hbm_bytes)} GiB)"
-    lines = [
+    head = (
         f"{r.program}  [{r.topology}, mesh {mesh}, batch {r.batch}"
         + "".join(f", {k}={v}" for k, v in r.settings.items())
-        + "]",
+        + "]"
+    )
+    if r.error:
+        return (
+            f"{head}\n  DOES NOT FIT: the compiler refused it after {r.compile_s:.1f} s: {r.error}"
+        )
+    verdict = "fits" if r.fits else f"DOES NOT FIT (+{_gib(m.total - r.hbm_bytes)} GiB)"
+    lines = [
+        head,
         f"  memory per device: {_gib(m.total)} GiB of {_gib(r.hbm_bytes)} GiB HBM, {verdict} "
         f"(arguments {_gib(m.arguments)}, outputs {_gib(m.outputs)}, donated "
         f"{_gib(m.aliased)}, temporaries {_gib(m.temporaries)})",
@@ -327,6 +406,28 @@ def parse_list(text: str, valid: Sequence[str], what: str) -> list[str]:
     return items
 
 
+def validate(
+    config,
+    topology: tpu.Topology,
+    plan: Sequence[tuple],
+    batch_size: int = 0,
+    sampler_batch: int = 32,
+    sampler_chips: int = 1,
+) -> None:
+    """Every bad setting in one line, before libtpu or the first (slow) compile."""
+    shape = mesh_shape(config.mesh.shape, topology.num_chips, topology.num_slices)
+    if not 1 <= sampler_chips <= topology.num_chips:
+        raise ValueError(
+            f"sampler_chips must be in [1, {topology.num_chips}] on {topology.name}, "
+            f"got {sampler_chips}."
+        )
+    for _, kind, what, _ in plan:
+        if kind == "train":
+            check_batch(batch_size or config[what].train.batch_size, shape, f"{what}.train")
+        else:
+            check_batch(sampler_batch, (sampler_chips, 1, 1), "sampler")
+
+
 def run(
     config,
     topology: tpu.Topology,
@@ -338,21 +439,14 @@ def run(
     log: Callable[[str], None] = print,
 ) -> list[Result]:
     """Compiles the planned programs and returns their results (printing each as it comes)."""
-    devices = tpu.devices(topology)
-    train_mesh = make_mesh(config.mesh.shape, devices, topology.num_slices)
-    if not 1 <= sampler_chips <= len(devices):
-        raise ValueError(f"sampler_chips must be in [1, {len(devices)}], got {sampler_chips}.")
     import ml_collections
 
+    plan = planned_programs(config, programs, routes)
+    validate(config, topology, plan, batch_size, sampler_batch, sampler_chips)
+    devices = tpu.devices(topology)
+    train_mesh = make_mesh(config.mesh.shape, devices, topology.num_slices)
     sampler_shape = ml_collections.ConfigDict(dict(data=sampler_chips, fsdp=1, tensor=1))
     sampler_mesh = make_mesh(sampler_shape, devices[:sampler_chips])
-    plan = planned_programs(config, programs, routes)
-    # Every bad batch is reported before the first (slow) compile.
-    for _, kind, what, _ in plan:
-        if kind == "train":
-            check_batch(batch_size or config[what].train.batch_size, train_mesh, f"{what}.train")
-        else:
-            check_batch(sampler_batch, sampler_mesh, "sampler")
     results = []
     for i, (label, kind, what, route) in enumerate(plan):
         log(f"[{i + 1}/{len(plan)}] compiling {label} ...")
@@ -388,10 +482,12 @@ def main(argv: list[str]) -> int:
     topology = tpu.parse(_TOPOLOGY.value, _NUM_SLICES.value)
     programs = parse_list(_PROGRAMS.value, TRAIN_PROGRAMS + ("sampler",), "program")
     routes = parse_list(_TEXT.value, TEXT_ROUTES, "text route")
+    config = _CONFIG.value
+    plan = planned_programs(config, programs, routes)
+    validate(config, topology, plan, _BATCH.value, _SAMPLER_BATCH.value, _SAMPLER_CHIPS.value)
     missing = tpu.libtpu_missing()
     if missing:
         raise cli.UsageError(f"Cannot compile for TPUs here: {missing}.")
-    config = _CONFIG.value
     results = run(
         config,
         topology,
@@ -410,8 +506,8 @@ def main(argv: list[str]) -> int:
     over = [r for r in results if not r.fits]
     for r in over:
         print(
-            f"does not fit: {r.program} needs {_gib(r.memory.total)} GiB per device, "
-            f"{_gib(r.memory.total - r.hbm_bytes)} GiB over the {topology.chip.name}'s "
+            f"does not fit: {r.program} needs {_gib(r.total_bytes)} GiB per device, "
+            f"{_gib(r.total_bytes - r.hbm_bytes)} GiB over the {topology.chip.name}'s "
             f"{_gib(r.hbm_bytes)} GiB HBM",
             file=sys.stderr,
         )

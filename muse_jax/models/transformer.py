@@ -413,3 +413,31 @@ class SuperResTransformer(nn.Module):
         chex.assert_equal_shape_prefix((context, context_mask), 2)
         kv, mask = self.encode_context(context, context_mask, lowres_tokens)
         return self.logits(tokens, kv, mask, deterministic)
+
+
+def stack_layers(params: dict[str, Any], depth: int) -> dict[str, Any]:
+    """A MaskedTransformer's parameters from the unrolled layout ('blocks_0' ... one subtree
+    per layer) to the `scan_layers` one ('blocks', each leaf with a leading layer axis).
+
+    Nested transformers (the super-res stage's 'high') are converted too; other keys stay.
+    """
+    out = {}
+    for key, value in params.items():
+        if key.startswith("blocks_"):
+            continue
+        out[key] = stack_layers(value, depth) if isinstance(value, dict) else value
+    if "blocks_0" in params:
+        layers = [params[f"blocks_{i}"] for i in range(depth)]
+        out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: dict[str, Any], depth: int) -> dict[str, Any]:
+    """The inverse of `stack_layers`."""
+    out = {}
+    for key, value in params.items():
+        if key == "blocks" and not isinstance(value, list):
+            out.update({f"blocks_{i}": jax.tree.map(lambda x: x[i], value) for i in range(depth)})
+        else:
+            out[key] = unstack_layers(value, depth) if isinstance(value, dict) else value
+    return out
