@@ -61,6 +61,7 @@ class Result:
     # (memory, cost and collectives are then None / empty).
     error: str = ""
     required_bytes: float = 0.0
+    compiled: Any = dataclasses.field(default=None, repr=False)  # jax.stages.Compiled
 
     @property
     def fits(self) -> bool:
@@ -95,6 +96,11 @@ class Result:
             "fits": self.fits,
             "flops_per_device": self.cost["flops"],
             "bytes_accessed_per_device": self.cost["bytes accessed"],
+            "loop_scale": self.cost["loop_scale"],
+            "xla_cost_analysis": {
+                "flops": self.cost["xla_flops"],
+                "bytes_accessed": self.cost["xla_bytes_accessed"],
+            },
             "collectives": {k: dataclasses.asdict(v) for k, v in self.collectives.items()},
             "compile_s": self.compile_s,
             "roofline_estimate": dataclasses.asdict(self.roofline)
@@ -245,8 +251,9 @@ def compile_program(
     for `mesh`'s devices and reads the compiler's figures.
 
     XLA's cost analysis counts a loop body once (the sampler's decoding steps, scanned layers).
-    The program's jaxpr gives matmul FLOPs with and without counting loops; their ratio scales
-    the compiler's per-device FLOPs and HBM bytes, and is 1 for a program without loops.
+    FLOPs: the program's jaxpr gives matmul FLOPs with and without counting loops, and their
+    ratio (1 without loops) scales the compiler's per-device figure. HBM bytes: the operands and
+    results of every scheduled op of the optimised HLO, each loop body times its trip count.
     """
     from muse_jax import compiled_stats
     from muse_jax.models import kernels
@@ -269,9 +276,16 @@ def compile_program(
     loops = compiled_stats.jaxpr_flops(traced.jaxpr, count_loops=True)
     scale = loops / once if once > 0 else 1.0
     mem = compiled_stats.memory(compiled)
-    cost = compiled_stats.cost(compiled)
-    cost = {k: v * scale for k, v in cost.items()} | {"loop_scale": scale}
-    colls = compiled_stats.collectives(compiled.as_text(), mesh.size)
+    xla = compiled_stats.cost(compiled)
+    program = compiled_stats.parse(compiled.as_text())
+    cost = {
+        "flops": xla["flops"] * scale,
+        "bytes accessed": compiled_stats.hbm_bytes(program),
+        "loop_scale": scale,
+        "xla_flops": xla["flops"],
+        "xla_bytes_accessed": xla["bytes accessed"],
+    }
+    colls = compiled_stats.collectives(program, mesh.size)
     chip = topology.chip
     roof = compiled_stats.roofline(
         cost["flops"],
@@ -293,6 +307,7 @@ def compile_program(
         roof,
         chip.hbm_bytes,
         settings,
+        compiled=compiled,
     )
 
 

@@ -109,57 +109,161 @@ class Collective:
     sent_bytes: float = 0.0  # Ring estimate of what one device sends.
 
 
-def collectives(hlo_text: str, num_devices: int) -> dict[str, Collective]:
-    """{kind: Collective} over one run of the program, loop trip counts included."""
-    bodies: dict[str, list[str]] = {}
-    entry, current = None, None
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+) = (?P<rest>.*)$")
+_OPCODE = re.compile(r" (?P<op>[a-z][a-z0-9\-]*)\(")
+# Instructions that move no HBM bytes of their own (views, plumbing, control flow whose bodies
+# are counted themselves, and the second halves of async pairs).
+_NO_TRAFFIC = {
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "iota",
+}
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    type_text: str
+    op: str
+    operands: list[str]
+    line: str
+
+
+def _split_instruction(line: str) -> _Instruction | None:
+    m = _INSTRUCTION.match(line)
+    if not m:
+        return None
+    rest = m.group("rest")
+    op = _OPCODE.search(rest)
+    if not op:
+        return None
+    # Operands: the %names inside the opcode's parentheses.
+    i, depth = op.end(), 1
+    while i < len(rest) and depth:
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        i += 1
+    operands = re.findall(r"%([^\s,()]+)", rest[op.end() : i])
+    return _Instruction(m.group("name"), rest[: op.start()], op.group("op"), operands, line)
+
+
+@dataclasses.dataclass
+class Program:
+    """An optimised HLO module, parsed enough to count what runs how often."""
+
+    computations: dict[str, list[_Instruction]]
+    entry: str
+    runs: dict[str, int]  # Executions of each computation per run of the program.
+    control: set[str]  # Computations whose instructions are scheduled ops (not fused bodies).
+    types: dict[str, str]  # Instruction name -> its result type text.
+
+
+def _trip_count(line: str, condition: list[_Instruction]) -> int:
+    """A while loop's trip count: XLA's own annotation, else the bound its condition compares
+    the counter against (loops from lax.scan / fori_loop count 0, 1, ... < bound)."""
+    trip = _TRIP.search(line)
+    if trip:
+        return int(trip.group(1))
+    bounds = [
+        int(c)
+        for ins in condition
+        if ins.op == "constant" and ins.type_text.strip().startswith("s32[]")
+        for c in re.findall(r"constant\((-?\d+)\)", ins.line)
+    ]
+    return max(bounds) if bounds and max(bounds) > 0 else 1
+
+
+def parse(hlo_text: str) -> Program:
+    computations: dict[str, list[_Instruction]] = {}
+    entry, current = "", None
     for line in hlo_text.splitlines():
         if not line.startswith((" ", "\t", "}")) and line.rstrip().endswith("{"):
             m = _COMPUTATION.match(line)
             if m:
                 current = m.group("name")
-                bodies[current] = []
+                computations[current] = []
                 if line.startswith("ENTRY"):
                     entry = current
                 continue
         if current is not None and line.startswith("  "):
-            bodies[current].append(line)
-    if entry is None:
-        return {}
-    # How many times each computation runs: the entry once, a while body `trip count` times
-    # per run of its caller, everything else (fusions, async wrappers, branches) as its caller.
-    graph: dict[str, list[tuple[str, int]]] = {}
-    for name, lines in bodies.items():
+            ins = _split_instruction(line)
+            if ins is not None:
+                computations[current].append(ins)
+    types = {ins.name: ins.type_text for body in computations.values() for ins in body}
+    # Call edges (callee, times per caller run, is the callee control flow?).
+    graph: dict[str, list[tuple[str, int, bool]]] = {}
+    for name, body in computations.items():
         edges = []
-        for line in lines:
-            trip = _TRIP.search(line)
-            for callee in _CALLEES.findall(line):
-                is_loop = f"body=%{callee}" in line or f"condition=%{callee}" in line
-                edges.append((callee, int(trip.group(1)) if trip and is_loop else 1))
-            for group in _BRANCHES.findall(line):
-                edges += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+        for ins in body:
+            if ins.op == "while":
+                cond = re.search(r"condition=%([^\s,]+)", ins.line)
+                loop = re.search(r"body=%([^\s,]+)", ins.line)
+                trips = _trip_count(ins.line, computations.get(cond.group(1), []) if cond else [])
+                if loop:
+                    edges.append((loop.group(1), trips, True))
+                if cond:
+                    edges.append((cond.group(1), trips + 1, True))
+                continue
+            for callee in _CALLEES.findall(ins.line):
+                edges.append((callee, 1, ins.op in ("call", "conditional")))
+            for group in _BRANCHES.findall(ins.line):
+                edges += [(c.strip().lstrip("%"), 1, True) for c in group.split(",") if c.strip()]
         graph[name] = edges
-    # Calls form a DAG: visit every caller before its callees (Kahn's order) so counts add up.
-    reachable = _reachable(graph, entry)
-    indegree: dict[str, int] = collections.Counter(
-        callee for name in reachable for callee, _ in graph.get(name, [])
-    )
     runs: dict[str, int] = collections.defaultdict(int)
-    runs[entry] = 1
-    queue, order = [entry], []
-    while queue:
-        name = queue.pop()
-        order.append(name)
-        for callee, trips in graph.get(name, []):
-            runs[callee] += runs[name] * trips
-            indegree[callee] -= 1
-            if indegree[callee] == 0:
-                queue.append(callee)
+    control = {entry} if entry else set()
+    if entry:
+        # Calls form a DAG: visit every caller before its callees (Kahn's order).
+        reachable = _reachable({k: [(c, t) for c, t, _ in v] for k, v in graph.items()}, entry)
+        indegree = collections.Counter(
+            callee for name in reachable for callee, _, _ in graph.get(name, [])
+        )
+        runs[entry] = 1
+        queue = [entry]
+        while queue:
+            name = queue.pop()
+            for callee, trips, is_control in graph.get(name, []):
+                runs[callee] += runs[name] * trips
+                if is_control and name in control:
+                    control.add(callee)
+                indegree[callee] -= 1
+                if indegree[callee] == 0:
+                    queue.append(callee)
+    return Program(computations, entry, dict(runs), control, types)
+
+
+def hbm_bytes(program: Program) -> float:
+    """Bytes every scheduled op reads and writes, counted as often as it runs: the operands
+    and results of each fusion, matmul, copy and collective of the entry and of loop bodies.
+    XLA's cost analysis counts the same way but each loop body once."""
+    total = 0.0
+    for name in program.control:
+        runs = program.runs.get(name, 0)
+        for ins in program.computations.get(name, []):
+            if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
+                continue
+            moved = sum(_array_bytes(ins.type_text))
+            moved += sum(sum(_array_bytes(program.types.get(o, ""))) for o in ins.operands)
+            total += runs * moved
+    return total
+
+
+def collectives(hlo: str | Program, num_devices: int) -> dict[str, Collective]:
+    """{kind: Collective} over one run of the program, loop trip counts included."""
+    program = parse(hlo) if isinstance(hlo, str) else hlo
     out: dict[str, Collective] = {}
-    for name in order:
-        for line in bodies.get(name, []):
-            m = _OP.match(line)
-            if not m:
+    for name, body in program.computations.items():
+        runs = program.runs.get(name, 0)
+        for ins in body:
+            m = _OP.match(ins.line)
+            if not m or not runs:
                 continue
             sizes = _array_bytes(m.group("type"))
             if not sizes:
@@ -167,11 +271,11 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, Collective]:
             # An async start's type is (operands..., results..., [context]): its largest array
             # is the result for every kind here (gathers grow, the rest keep their size).
             result = max(sizes) if m.group("start") else sum(sizes)
-            op, n = m.group("op"), _group_size(line, num_devices)
+            op, n = m.group("op"), _group_size(ins.line, num_devices)
             c = out.setdefault(op, Collective())
-            c.count += runs[name]
-            c.result_bytes += runs[name] * result
-            c.sent_bytes += runs[name] * _ring_bytes(op, result, n)
+            c.count += runs
+            c.result_bytes += runs * result
+            c.sent_bytes += runs * _ring_bytes(op, result, n)
     return out
 
 

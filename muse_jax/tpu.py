@@ -144,6 +144,9 @@ def quiet_libtpu_environment() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+    # libtpu takes a host-wide lock for the chips it drives; describing a slice drives none,
+    # so several compiling processes may share the host.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow (imported with the data modules, never run here) would probe for CUDA and
     # announce oneDNN: nothing of it is used.
