@@ -54,6 +54,8 @@ setup(
         ],
         # muse-serve: the demo page.
         "serve": ["fastapi>=0.142", "uvicorn>=0.54"],
+        # muse-aot: libtpu, to compile for TPU slices on a host without one (~0.7 GB).
+        "tpu": ["jax[tpu]>=0.10.2"],
         # benchmarks/peer_amused.py: diffusers' aMUSEd (PyTorch Muse) as the sampler benchmark's peer.
         "bench": ["diffusers==0.42.1"],
     },
@@ -67,6 +69,7 @@ setup(
             "muse-evaluate=muse_jax.evaluate:run",
             "muse-export=muse_jax.export:run",
             "muse-serve=muse_jax.serve:run",
+            "muse-aot=muse_jax.aot:run_main",
             "muse-sweep=muse_jax.sweep:main",
         ],
     },

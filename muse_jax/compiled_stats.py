@@ -164,6 +164,7 @@ class Program:
     runs: dict[str, int]  # Executions of each computation per run of the program.
     control: set[str]  # Computations whose instructions are scheduled ops (not fused bodies).
     types: dict[str, str]  # Instruction name -> its result type text.
+    trips: dict[str, int]  # Loop body -> the trip count of the loop that runs it.
 
 
 def _trip_count(line: str, condition: list[_Instruction]) -> int:
@@ -200,6 +201,7 @@ def parse(hlo_text: str) -> Program:
     types = {ins.name: ins.type_text for body in computations.values() for ins in body}
     # Call edges (callee, times per caller run, is the callee control flow?).
     graph: dict[str, list[tuple[str, int, bool]]] = {}
+    trips_of: dict[str, int] = {}
     for name, body in computations.items():
         edges = []
         for ins in body:
@@ -209,6 +211,7 @@ def parse(hlo_text: str) -> Program:
                 trips = _trip_count(ins.line, computations.get(cond.group(1), []) if cond else [])
                 if loop:
                     edges.append((loop.group(1), trips, True))
+                    trips_of[loop.group(1)] = trips
                 if cond:
                     edges.append((cond.group(1), trips + 1, True))
                 continue
@@ -236,21 +239,38 @@ def parse(hlo_text: str) -> Program:
                 indegree[callee] -= 1
                 if indegree[callee] == 0:
                     queue.append(callee)
-    return Program(computations, entry, dict(runs), control, types)
+    return Program(computations, entry, dict(runs), control, types, trips_of)
 
 
-def hbm_bytes(program: Program) -> float:
-    """Bytes every scheduled op reads and writes, counted as often as it runs: the operands
-    and results of each fusion, matmul, copy and collective of the entry and of loop bodies.
-    XLA's cost analysis counts the same way but each loop body once."""
+def _stacked_bytes(type_text: str, trips: int) -> float:
+    """Bytes of the arrays in `type_text` an iteration of a `trips`-long loop touches: an array
+    whose leading dimension is the trip count is a scanned stack (layers' weights, their
+    gradients, saved activations) of which each iteration reads or updates one slice."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(type_text):
+        size = 1 if dtype.startswith("f8") else _BYTES.get(dtype)
+        if size is None:
+            continue
+        shape = [int(d) for d in dims.split(",") if d]
+        n = size * math.prod(shape)
+        total += n / trips if trips > 1 and shape and shape[0] == trips else n
+    return total
+
+
+def hbm_bytes(program: Program, count_loops: bool = True) -> float:
+    """Bytes every scheduled op reads and writes: the operands and results of each fusion,
+    matmul, copy and collective of the entry and of loop bodies, each loop body counted as
+    often as it runs (`count_loops`) or once (as XLA's cost analysis counts). A slice of a
+    scanned stack counts as the slice (see `_stacked_bytes`)."""
     total = 0.0
     for name in program.control:
-        runs = program.runs.get(name, 0)
+        runs = program.runs.get(name, 0) if count_loops else 1
+        trips = program.trips.get(name, 1)
         for ins in program.computations.get(name, []):
             if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
                 continue
-            moved = sum(_array_bytes(ins.type_text))
-            moved += sum(sum(_array_bytes(program.types.get(o, ""))) for o in ins.operands)
+            moved = _stacked_bytes(ins.type_text, trips)
+            moved += sum(_stacked_bytes(program.types.get(o, ""), trips) for o in ins.operands)
             total += runs * moved
     return total
 

@@ -11,6 +11,10 @@ Memory per device = parameters + gradients + optimiser state (each leaf's shard 
 logical axes, `config.mesh.rules` and the mesh shape: exactly what `muse_jax.parallel` would
 place there), + the frozen text encoder when it runs in the graph (bfloat16, sharded by the same
 rules), + an analytic activation estimate (see `activation_bytes`).
+
+Where libtpu is installed (the `[tpu]` extra), the report ends with the XLA:TPU compiler's own
+per-device memory for the base train step on `--topology` (default: the v4 slice with the
+mesh's device count), which replaces the estimate: `muse_jax.aot` compiles it.
 """
 
 from __future__ import annotations
@@ -373,6 +377,34 @@ def report(config, batch_size: int, mesh_shape: Mapping[str, int], flops: bool =
     return "\n".join(lines)
 
 
+def compiler_report(config, batch_size: int, mesh_shape: Mapping[str, int], topology: str) -> str:
+    """The XLA:TPU compiler's per-device memory of the base train step (precomputed text) on
+    `topology` (empty: the v4 slice of the mesh's chip count), or why it is not available."""
+    from muse_jax import aot, tpu
+
+    missing = tpu.libtpu_missing()
+    if missing:
+        return f"compiler's figure: not available ({missing}); the estimate above stands."
+    n = math.prod(mesh_shape.values())
+    topo = tpu.parse(topology or f"v4-{2 * n}")
+    config = config.copy_and_resolve_references()
+    config.mesh.shape.update(dict(mesh_shape))
+    (r,) = aot.run(config, topo, ["base"], ["precomputed"], batch_size, log=lambda _: None)
+    if r.error:
+        return (
+            f"XLA:TPU compiler on {topo.name}: the base step does NOT fit, it asks for "
+            f"{r.total_bytes / GiB:.2f} GiB per device of {r.hbm_bytes / GiB:.2f} ({r.error})"
+        )
+    m = r.memory
+    return (
+        f"XLA:TPU compiler on {topo.name} (replaces the estimate): {m.total / GiB:.2f} GiB per "
+        f"device of {r.hbm_bytes / GiB:.2f} GiB HBM, {'fits' if r.fits else 'DOES NOT FIT'} "
+        f"(arguments {m.arguments / GiB:.2f}, temporaries {m.temporaries / GiB:.2f}; "
+        f"remat={config.base.model.get('remat', 'none')}, "
+        f"scan_layers={config.base.model.get('scan_layers', False)})"
+    )
+
+
 def main(argv: list[str]) -> None:
     from muse_jax import cli, parallel
 
@@ -385,6 +417,9 @@ def main(argv: list[str]) -> None:
         sizes = parallel.mesh_shape(config.mesh.shape, _NUM_DEVICES.value)
         mesh_shape = dict(zip(MESH_AXES, sizes))
     print(report(config, batch, mesh_shape, flops=not _NO_FLOPS.value))
+    if not _NO_COMPILE.value:
+        print()
+        print(compiler_report(config, batch, mesh_shape, _TOPOLOGY.value))
 
 
 if __name__ == "__main__":
@@ -400,5 +435,15 @@ if __name__ == "__main__":
         "num_devices", 32, "Devices that resolve a -1 in config.mesh.shape (v4-64: 32 chips)."
     )
     _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "Skip XLA's cost analysis (faster).")
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology", "", "TPU slice the compiler's figure is for (empty: v4 with the mesh's chips)."
+    )
+    _NO_COMPILE = flags.DEFINE_bool(
+        "no_compile", False, "Skip the XLA:TPU compile (minutes for the paper configs)."
+    )
     flags.mark_flag_as_required("config")
+    from muse_jax import tpu
+
+    if tpu.libtpu_missing() is None:
+        tpu.quiet_libtpu_environment()  # Before JAX picks a backend: sizing runs nothing.
     cli.run(main)

@@ -7,12 +7,14 @@ shards; the modules themselves never mention a mesh axis.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import partitioning as nn_partitioning
 
 from muse_jax.models import activations, attention, conv_grad, dense_dot
 
@@ -42,10 +44,37 @@ def dense_init() -> Callable:
     return nn.initializers.xavier_uniform()
 
 
-def dot_general(dtype: Dtype) -> Callable:
+def gathered(kernel: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`kernel` (logical axes `axes`) as its matmul reads it: every dimension the rules split
+    over the data-parallel mesh axes (`data`, `fsdp`) gathered, tensor-parallel splits kept.
+
+    This is FSDP's all-gather of weights at use, stated: the parameter stays sharded in memory
+    (and its gradient comes back reduce-scattered), while the matmul contracts whole weights
+    against batch-split activations. Without it XLA:TPU may keep the weight split along the
+    contracted `embed` dimension and all-reduce activations of the global batch instead
+    (`python -m muse_jax.aot` shows the difference in its collectives). No-op without a mesh.
+    """
+    data_axes = {"data", "fsdp"}
+    names = []
+    for name in axes:
+        mapped = dict(nn_partitioning.get_axis_rules()).get(name) if name is not None else None
+        mapped = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+        names.append(None if data_axes & set(mapped) else name)
+    return constrain(kernel, *names)
+
+
+def dot_general(dtype: Dtype, kernel_axes: tuple[str | None, ...] | None = None) -> Callable:
     """The `dot_general` of Dense layers computing in `dtype`: `dense_dot`'s (its weight
-    gradient runs in YNNPACK on CPU); bfloat16 accumulates in float32 (see `precision`)."""
-    return dense_dot.dot_general(dtype)
+    gradient runs in YNNPACK on CPU); bfloat16 accumulates in float32 (see `precision`).
+    `kernel_axes`: the kernel's logical axes, gathered at use (`gathered`)."""
+    dot = dense_dot.dot_general(dtype)
+    if kernel_axes is None:
+        return dot
+
+    def gathered_dot(lhs, rhs, *args, **kwargs):
+        return dot(lhs, gathered(rhs, kernel_axes), *args, **kwargs)
+
+    return gathered_dot
 
 
 def conv_general_dilated(dtype: Dtype) -> Callable:
@@ -65,7 +94,7 @@ def dense(
     return nn.Dense(
         features,
         dtype=dtype,
-        dot_general=dot_general(dtype),
+        dot_general=dot_general(dtype, (in_axis, out_axis)),
         kernel_init=partitioned(dense_init(), in_axis, out_axis),
         bias_init=partitioned(nn.initializers.zeros, out_axis),
         name=name,
@@ -103,6 +132,41 @@ class MlpBlock(nn.Module):
         return dense(width, "mlp", "embed", self.dtype, "wo")(h)
 
 
+class Projection(nn.Module):
+    """Dense over the last `in_dims` input dimensions to `features`: flax's `DenseGeneral` with
+    the same parameters ('kernel' [*inputs, *features], 'bias' [*features]) and the same
+    initial values (the initializer sees the kernel flattened to 2-D, as DenseGeneral's does),
+    but a kernel created at its final shape. DenseGeneral boxes the flat kernel with the final
+    shape's logical names and reshapes it afterwards, which fails once a mesh is set while
+    tracing (the names' sharding is applied to the flat array)."""
+
+    features: tuple[int, ...]
+    in_dims: int
+    kernel_axes: tuple[str, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inputs = x.shape[x.ndim - self.in_dims :]
+        flat = (math.prod(inputs), math.prod(self.features))
+
+        def kernel_init(rng, shape, dtype=jnp.float32):
+            return jnp.reshape(dense_init()(rng, flat, dtype), shape)
+
+        kernel = self.param(
+            "kernel", partitioned(kernel_init, *self.kernel_axes), inputs + tuple(self.features)
+        )
+        bias = self.param(
+            "bias",
+            partitioned(nn.initializers.zeros, *self.kernel_axes[self.in_dims :]),
+            tuple(self.features),
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = dot_general(self.dtype, self.kernel_axes)(x, kernel, (contract, ((), ())))
+        return y + bias
+
+
 class _HeadsProjection(nn.Module):
     """[..., embed] -> [..., heads, head_dim]."""
 
@@ -112,12 +176,12 @@ class _HeadsProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.DenseGeneral(
+        return Projection(
             (self.num_heads, self.head_dim),
-            dtype=self.dtype,
-            dot_general=dot_general(self.dtype),
-            kernel_init=partitioned(dense_init(), "embed", "heads", "kv"),
-            bias_init=partitioned(nn.initializers.zeros, "heads", "kv"),
+            1,
+            ("embed", "heads", "kv"),
+            self.dtype,
+            name="DenseGeneral_0",  # The parameter path of the flax layer it replaced.
         )(x)
 
 
@@ -141,14 +205,7 @@ class Attention(nn.Module):
         self.query = _HeadsProjection(self.num_heads, head_dim, self.dtype)
         self.key = _HeadsProjection(self.num_heads, head_dim, self.dtype)
         self.value = _HeadsProjection(self.num_heads, head_dim, self.dtype)
-        self.out = nn.DenseGeneral(
-            self.width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            dot_general=dot_general(self.dtype),
-            kernel_init=partitioned(dense_init(), "heads", "kv", "embed"),
-            bias_init=partitioned(nn.initializers.zeros, "embed"),
-        )
+        self.out = Projection((self.width,), 2, ("heads", "kv", "embed"), self.dtype)
 
     def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[batch, S, C] -> (keys, values), each [batch, S, heads, head_dim]."""

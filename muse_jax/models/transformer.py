@@ -437,7 +437,9 @@ def unstack_layers(params: dict[str, Any], depth: int) -> dict[str, Any]:
     out = {}
     for key, value in params.items():
         if key == "blocks" and not isinstance(value, list):
-            out.update({f"blocks_{i}": jax.tree.map(lambda x: x[i], value) for i in range(depth)})
+            out.update(
+                {f"blocks_{i}": jax.tree.map(lambda x, i=i: x[i], value) for i in range(depth)}
+            )
         else:
             out[key] = unstack_layers(value, depth) if isinstance(value, dict) else value
     return out

@@ -208,10 +208,16 @@ def jit_train_step(
 ) -> Callable:
     """The stage's jitted train step, (state, batch, frozen) -> (state, metrics), with the
     state sharded and donated and the batch split over the data axes: the program `train` runs
-    and `muse_jax.aot` compiles. `multi`: several steps per call (`multi_step`)."""
+    and `muse_jax.aot` compiles. `multi`: several steps per call (`multi_step`).
+
+    The models' logical sharding constraints (activations split over the batch axes, weights
+    gathered at use) resolve against the mesh set while tracing: flax reads JAX's abstract
+    mesh, which a `with mesh:` block no longer sets.
+    """
+    abstract_mesh = batch_sharding.mesh.abstract_mesh
 
     def step_fn(state, batch, frozen):
-        with nn.logical_axis_rules(list(axis_rules)):
+        with jax.sharding.use_abstract_mesh(abstract_mesh), nn.logical_axis_rules(list(axis_rules)):
             return stage.train_step(state, batch, frozen)
 
     return jax.jit(
