@@ -113,3 +113,26 @@ def test_unknown_implementation_is_a_clear_config_error(smoke_config):
         model = factory.base_transformer(smoke_config)
         tokens = jnp.zeros((1, model.seq_len), jnp.int32)
         model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1, 4, 8)), jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize("mask_name", ["none", "key_padding", "per_query_with_empty_row"])
+def test_xla_path_in_query_blocks_gives_the_same_values_and_gradients(mask_name):
+    """Large score tensors go through in query blocks (`MAX_SCORE_ELEMENTS`): same numbers."""
+    mask = _masks()[mask_name]
+    mask = None if mask is None else jnp.asarray(mask)
+    q, k, v, w = _inputs()
+    full = B * N * T * S
+
+    def run(limit):
+        def f(q, k, v):
+            out = attention.dot_product_attention(q, k, v, mask, "xla", max_score_elements=limit)
+            return jnp.sum(out * w), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    assert attention._query_blocks(B, N, T, S, full // 3) == 3
+    (_, ref), ref_grads = run(full)
+    (_, out), grads = run(full // 3)  # Three blocks of four queries.
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,11 @@ contract the query axis leave Eigen for YNNPACK (the copies cost more than they 
 
 `implementation="auto"` picks `heads_major` on CPU and `jax.nn.dot_product_attention` (XLA)
 elsewhere; "cudnn" asks jax for cuDNN's fused kernel on GPUs.
+
+XLA's path materialises the [B, N, T, S] scores. Where they would exceed `MAX_SCORE_ELEMENTS`
+(the super-res stage's 4096 x 4096 tokens, at a sampler batch of 32 with guidance: 16 Gi
+elements) the queries go through in equal blocks, one after another (`lax.map`). No value
+changes: each query's softmax still runs over every key.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import jax.numpy as jnp
 from muse_jax.models import kernels
 
 IMPLEMENTATIONS = ("auto", "heads_major", "xla", "cudnn")
+
+# Scores of one XLA attention call beyond which queries go through in blocks (1 GiB in f32).
+MAX_SCORE_ELEMENTS = 2**28
 
 # Added to the scores of masked-out keys. Finite so that a row with every key masked gives a
 # uniform average instead of NaN, as `jax.nn.dot_product_attention` does.
@@ -85,12 +93,14 @@ def dot_product_attention(
     v: jax.Array,
     mask: jax.Array | None = None,
     implementation: str = "auto",
+    max_score_elements: int = MAX_SCORE_ELEMENTS,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v over [B, T, N, H] queries and [B, S, N, H] keys/values.
 
     Args:
       mask: boolean, broadcastable to [B, N, T, S]; True where attention is allowed.
       implementation: one of `IMPLEMENTATIONS` (see the module docstring).
+      max_score_elements: the XLA path's query blocking threshold (see the module docstring).
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -98,10 +108,34 @@ def dot_product_attention(
     if implementation == "auto":
         implementation = "heads_major" if kernels.on_cpu() else "xla"
     if implementation != "heads_major":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        return _in_query_blocks(q, k, v, mask, implementation, max_score_elements)
     bias = None
     if mask is not None:
         bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     out = _heads_major(heads_first(q), heads_first(k), heads_first(v), bias, q.shape[-1] ** -0.5)
     return heads_first(out)
+
+
+def _query_blocks(b: int, n: int, t: int, s: int, limit: int) -> int:
+    """The fewest equal blocks of the t queries whose scores fit `limit` elements."""
+    for blocks in range(1, t + 1):
+        if t % blocks == 0 and b * n * (t // blocks) * s <= limit:
+            return blocks
+    return t
+
+
+def _in_query_blocks(q, k, v, mask, implementation: str, limit: int) -> jax.Array:
+    """`jax.nn.dot_product_attention`, over blocks of queries when the scores are large."""
+    b, t, n, h = q.shape
+    blocks = _query_blocks(b, n, t, k.shape[1], limit)
+    attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
+    if blocks == 1:
+        return attend(q, k, v, mask=mask)
+    qb = jnp.moveaxis(q.reshape(b, blocks, t // blocks, n, h), 1, 0)
+    if mask is not None and mask.ndim == 4 and mask.shape[-2] == t:
+        m = mask.reshape(mask.shape[:2] + (blocks, t // blocks, mask.shape[-1]))
+        out = jax.lax.map(lambda a: attend(a[0], k, v, mask=a[1]), (qb, jnp.moveaxis(m, 2, 0)))
+    else:
+        out = jax.lax.map(lambda qi: attend(qi, k, v, mask=mask), qb)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
