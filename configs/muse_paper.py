@@ -117,6 +117,10 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
 
     config.base.model.update(preset["base"])
     config.base.model.dtype = "bfloat16"
+    # What makes batch 512 fit a TPU slice (python -m muse_jax.aot; BENCHMARKS.md, "Compiled
+    # for TPU"): each block recomputes its activations in the backward pass, and one compiled
+    # layer body serves the whole stack.
+    config.base.model.update(dict(remat="full", scan_layers=True))
     config.base.text_encoder.update(
         dict(name="t5", preset="xxl", trainable=False, dtype="bfloat16")
     )
@@ -148,7 +152,15 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
     config.superres_tokenizer.restart_dead_codes_every = 0
     config.superres_tokenizer.init_from = ""
     config.superres_tokenizer.train = config.tokenizer.train.copy_and_resolve_references()
-    config.superres.model.update(dict(**preset["superres"], dtype="bfloat16", aligned_lowres=False))
+    config.superres.model.update(
+        dict(
+            **preset["superres"],
+            dtype="bfloat16",
+            aligned_lowres=False,
+            remat="full",
+            scan_layers=True,
+        )
+    )
     config.superres.train = config.base.train.copy_and_resolve_references()
     config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5))
     # Decoder fine-tuning: the paper adds residual layers and channels but gives no numbers.

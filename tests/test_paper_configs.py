@@ -70,7 +70,7 @@ def test_fsdp_shards_big_kernels():
         for leaf in jax.tree.leaves(abstract["base"], is_leaf=lambda x: hasattr(x, "names"))
         if math.prod(leaf.value.shape) >= 1 << 20
     ]
-    assert len(big) > 100
+    assert len(big) >= 8  # Each layer kind once: the paper configs stack their layers (scan).
     one = dict(data=1, fsdp=1, tensor=1)
     for n in (8, 32):
         mesh = dict(data=1, fsdp=n, tensor=1)

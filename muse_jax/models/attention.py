@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from muse_jax.models import kernels
 
@@ -125,10 +126,26 @@ def _query_blocks(b: int, n: int, t: int, s: int, limit: int) -> int:
     return t
 
 
+def _batch_shards() -> int:
+    """How many ways the batch is split while tracing: the mesh axes the logical "batch" axis
+    maps to (1 without a mesh). Scores are per device, so the blocking threshold is too."""
+    from flax.linen import partitioning
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = dict(partitioning.get_axis_rules()).get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return int(np.prod([sizes.get(a, 1) for a in axes]))
+
+
 def _in_query_blocks(q, k, v, mask, implementation: str, limit: int) -> jax.Array:
     """`jax.nn.dot_product_attention`, over blocks of queries when the scores are large."""
     b, t, n, h = q.shape
-    blocks = _query_blocks(b, n, t, k.shape[1], limit)
+    shards = _batch_shards()
+    local_b = b // shards if b % shards == 0 else b
+    blocks = _query_blocks(local_b, n, t, k.shape[1], limit)
     attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
     if blocks == 1:
         return attend(q, k, v, mask=mask)
