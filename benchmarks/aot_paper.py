@@ -47,11 +47,13 @@ class Row:
 
 
 ROWS = (
-    # The 3B base stage at the paper's batch 512: the smallest v4 slice, and the next one.
+    # The 3B base stage at the paper's batch 512: the smallest v4 slice it fits, on either side.
+    Row("base-3b-v4-8", "3b", "v4-8", "base"),
     Row("base-3b-v4-16", "3b", "v4-16", "base"),
     Row("base-3b-v4-32", "3b", "v4-32", "base"),
     # The super-res stage (512x512, 64x64 tokens) at batch 512 on v4.
     Row("superres-3b-v4-64", "3b", "v4-64", "superres"),
+    Row("superres-3b-v4-128", "3b", "v4-128", "superres"),
     # The 632M base stage on v5e (16 GiB per chip).
     Row("base-632m-v5e-16", "632m", "v5e-16", "base"),
     # The samplers at batch 32 on one v4 chip: 256x256 (base) and 512x512 (cascade).

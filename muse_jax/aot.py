@@ -71,28 +71,20 @@ class Result:
         return self.required_bytes if self.error else self.memory.total
 
     def to_json(self) -> dict[str, Any]:
-        if self.error:
-            return {
-                "program": self.program,
-                "topology": self.topology,
-                "mesh": self.mesh,
-                "batch": self.batch,
-                "settings": self.settings,
-                "fits": False,
-                "error": self.error,
-                "required_bytes": self.required_bytes,
-                "hbm_bytes": self.hbm_bytes,
-                "compile_s": self.compile_s,
-            }
-        return {
+        head = {
             "program": self.program,
             "topology": self.topology,
             "mesh": self.mesh,
             "batch": self.batch,
             "settings": self.settings,
-            "memory_bytes": dataclasses.asdict(self.memory) | {"total": self.memory.total},
             "hbm_bytes": self.hbm_bytes,
             "fits": self.fits,
+            "compile_s": self.compile_s,
+        }
+        if self.error:
+            return head | {"error": self.error, "required_bytes": self.required_bytes}
+        return head | {
+            "memory_bytes": dataclasses.asdict(self.memory) | {"total": self.memory.total},
             "flops_per_device": self.cost["flops"],
             "bytes_accessed_per_device": self.cost["bytes accessed"],
             "loop_scale": self.cost["loop_scale"],
@@ -101,7 +93,6 @@ class Result:
                 "bytes_accessed": self.cost["xla_bytes_accessed"],
             },
             "collectives": {k: dataclasses.asdict(v) for k, v in self.collectives.items()},
-            "compile_s": self.compile_s,
             "roofline_estimate": dataclasses.asdict(self.roofline)
             | {"seconds": self.roofline.seconds, "bound": self.roofline.bound},
         }
