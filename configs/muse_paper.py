@@ -162,7 +162,9 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
         )
     )
     config.superres.train = config.base.train.copy_and_resolve_references()
-    config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5))
+    # 8 images per super-res pass: 32 at once need ~31 GiB of temporaries alone on one v4
+    # chip (logits over 8192 codes at 4096 positions, both guidance branches); BENCHMARKS.md.
+    config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5, micro_batch=8))
     # Decoder fine-tuning: the paper adds residual layers and channels but gives no numbers.
     config.decoder.model.update(dict(channels=0, extra_res_blocks=2))
     config.decoder.train = config.tokenizer.train.copy_and_resolve_references()

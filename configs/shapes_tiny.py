@@ -237,6 +237,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     guidance_scale=1.0,
                     guidance_schedule="linear",
                     negative_prompt="",
+                    # Images per super-res pass inside the cascade (0: the whole batch). A
+                    # smaller pass bounds the memory of large high-res grids (the paper's
+                    # 512x512: configs/muse_paper.py); the samples of a seed depend on it.
+                    micro_batch=0,
                 )
             ),
         )

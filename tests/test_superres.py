@@ -132,6 +132,27 @@ def test_cascade_returns_high_res_images_and_keeps_fixed_tokens_at_both_levels(r
     assert sampler._jitted._cache_size() == 1
 
 
+def test_cascade_in_super_res_micro_batches_runs_each_as_the_stage_alone(random_cascade):
+    """micro_batch=1 on a batch of 2: each image's high-res tokens are the super-res stage's
+    own on its base tokens, with the micro-batch's key."""
+    config, base, sr, params, cond, uncond = random_cascade
+    cfg = config.superres.sampling.copy_and_resolve_references()
+    cfg.micro_batch = 1
+    chunked = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg)
+    out = CascadeSampler(base.sampler, chunked)(params, cond, uncond, jax.random.PRNGKey(0))
+    hr = config.data.hr_image_size
+    assert out.images.shape == (2, hr, hr, 3) and out.num_masked.shape == (cfg.num_steps, 2)
+    _, sr_key = jax.random.split(jax.random.PRNGKey(0))
+    for i, key in enumerate(jax.random.split(sr_key, 2)):
+        one = lambda d, i=i: {k: v[i : i + 1] for k, v in d.items()}
+        low = np.asarray(out.lowres_tokens)[i : i + 1]
+        alone = sr.sampler(params["superres"], one(cond), one(uncond), key, None, low)
+        np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(out.tokens)[i])
+        np.testing.assert_allclose(
+            np.asarray(alone.images)[0], np.asarray(out.images)[i], atol=1e-5
+        )
+
+
 @pytest.mark.slow
 def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_decoder(
     trained_cascade,

@@ -113,6 +113,8 @@ class MuseSampler:
         self.tokenizer = tokenizer
         self.cfg = sampling_cfg
         self.settings = Settings.from_config(sampling_cfg)
+        # Images per super-res pass inside the cascade (0: the whole batch; CascadeSampler).
+        self.micro_batch = int(sampling_cfg.get("micro_batch", 0) or 0)
         self._jitted = jax.jit(self._generate)
 
     def _encode(self, params: dict[str, Any], text: dict[str, jax.Array]) -> jax.Array:
@@ -251,16 +253,54 @@ class CascadeSampler:
         low = self.base.tokens(
             params["base"], cond, uncond, base_rng, init_tokens, None, base_settings
         )
-        high = self.superres.tokens(
+        tokens, images, num_masked = self._superres(
             params["superres"], cond, uncond, sr_rng, init_hr_tokens, low.tokens, sr_settings
         )
         return CascadeSample(
-            tokens=high.tokens,
-            images=self.superres.decode_pixels(params["superres"], high.tokens),
-            num_masked=high.num_masked,
+            tokens=tokens,
+            images=images,
+            num_masked=num_masked,
             lowres_tokens=low.tokens,
             lowres_images=self.base.decode_pixels(params["base"], low.tokens),
         )
+
+    def _superres(self, params, cond, uncond, rng, init_hr_tokens, low_tokens, settings):
+        """(tokens, images, num_masked) of the super-res stage and its decoder.
+
+        With the super-res sampling block's `micro_batch` m (0: off) dividing a larger batch,
+        the batch goes through m images at a time, one after another (`lax.map`, one key
+        per micro-batch from `rng`): the stage's logits over a large codebook at every high-res
+        position, and the decoder's full-resolution activations, then need memory for m
+        images, not the batch (`python -m muse_jax.aot` shows the difference).
+        """
+        batch = low_tokens.shape[0]
+        m = self.superres.micro_batch
+        if not m or batch <= m or batch % m:
+            high = self.superres.tokens(
+                params, cond, uncond, rng, init_hr_tokens, low_tokens, settings
+            )
+            images = self.superres.decode_pixels(params, high.tokens)
+            return high.tokens, images, high.num_masked
+        n = batch // m
+        split = lambda x: x.reshape((n, m) + x.shape[1:])
+
+        def one(args):
+            c, u, key, init, low = args
+            high = self.superres.tokens(params, c, u, key, init, low, settings)
+            return high.tokens, self.superres.decode_pixels(params, high.tokens), high.num_masked
+
+        parts = (
+            jax.tree.map(split, cond),
+            jax.tree.map(split, uncond),
+            jax.random.split(rng, n),
+            split(init_hr_tokens),
+            split(low_tokens),
+        )
+        tokens, images, num_masked = jax.lax.map(one, parts)
+        merge = lambda x: x.reshape((batch,) + x.shape[2:])
+        # num_masked: [n, steps, m] -> [steps, batch].
+        num_masked = jnp.moveaxis(num_masked, 0, 1).reshape(num_masked.shape[1], batch)
+        return merge(tokens), merge(images), num_masked
 
     def __call__(
         self,
