@@ -352,7 +352,8 @@ def format_result(r: Result) -> str:
     )
     if r.error:
         return (
-            f"{head}\n  DOES NOT FIT: the compiler refused it after {r.compile_s:.1f} s: {r.error}"
+            f"{head}\n  DOES NOT FIT: the compiler refused it after {r.compile_s:.1f} s "
+            f"(its figure counts temporaries; arguments come on top): {r.error}"
         )
     verdict = "fits" if r.fits else f"DOES NOT FIT (+{_gib(m.total - r.hbm_bytes)} GiB)"
     lines = [
@@ -509,8 +510,9 @@ def main(argv: list[str]) -> int:
         )
     over = [r for r in results if not r.fits]
     for r in over:
+        what = "of temporaries alone" if r.error else "per device"
         print(
-            f"does not fit: {r.program} needs {_gib(r.total_bytes)} GiB per device, "
+            f"does not fit: {r.program} needs {_gib(r.total_bytes)} GiB {what}, "
             f"{_gib(r.total_bytes - r.hbm_bytes)} GiB over the {topology.chip.name}'s "
             f"{_gib(r.hbm_bytes)} GiB HBM",
             file=sys.stderr,
