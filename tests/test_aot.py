@@ -231,3 +231,20 @@ def test_binary_compiles_the_smoke_config_and_writes_json(tmp_path):
     # The sampler's decoding loop is counted as it runs (XLA's cost analysis counts it once).
     assert results[2]["settings"]["steps"] == 4
     assert "memory per device" in proc.stdout and "roofline estimate" in proc.stdout
+
+
+@needs_libtpu
+def test_a_program_that_does_not_fit_exits_1_naming_it_and_the_overshoot():
+    proc = _run(
+        "--config=configs/shapes_tiny.py:smoke",
+        "--topology=v4-8",
+        "--programs=base",
+        "--text=precomputed",
+        "--batch_size=1048576",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("does not fit:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("does not fit: base train step (text precomputed) needs ")
+    assert "GiB over the v4's 32.00 GiB HBM" in lines[0]
+    assert "DOES NOT FIT" in proc.stdout
