@@ -248,3 +248,13 @@ def test_a_program_that_does_not_fit_exits_1_naming_it_and_the_overshoot():
     assert lines[0].startswith("does not fit: base train step (text precomputed) needs ")
     assert "GiB over the v4's 32.00 GiB HBM" in lines[0]
     assert "DOES NOT FIT" in proc.stdout
+
+
+@needs_libtpu
+def test_sizing_reports_the_compilers_memory_in_place_of_its_estimate():
+    from muse_jax import sizing
+
+    config = shapes_tiny.get_config("smoke")
+    line = sizing.compiler_report(config, 8, {"data": 1, "fsdp": 4, "tensor": 1}, "")
+    assert line.startswith("XLA:TPU compiler on v4:2x2x1 (replaces the estimate): ")
+    assert "GiB per device of 32.00 GiB HBM, fits" in line
