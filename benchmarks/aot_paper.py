@@ -32,13 +32,14 @@ class Row:
     program: str  # base | superres | sampler
     overrides: tuple[str, ...] = ()
     sampler_batch: int = 32
+    text: str = "precomputed"  # Or "graph": the frozen T5-XXL runs inside the step.
 
     def command(self) -> str:
         flags = [
             f"--config=configs/muse_paper.py:{self.preset}",
             f"--topology={self.topology}",
             f"--programs={self.program}",
-            "--text=precomputed",
+            f"--text={self.text}",
         ]
         if self.program == "sampler":
             flags.append(f"--sampler_batch={self.sampler_batch}")
@@ -51,6 +52,8 @@ ROWS = (
     Row("base-3b-v4-8", "3b", "v4-8", "base"),
     Row("base-3b-v4-16", "3b", "v4-16", "base"),
     Row("base-3b-v4-32", "3b", "v4-32", "base"),
+    # The paper's other route: the frozen T5-XXL encoder inside every step.
+    Row("base-3b-t5-v4-32", "3b", "v4-32", "base", text="graph"),
     # The super-res stage (512x512, 64x64 tokens) at batch 512 on v4.
     Row("superres-3b-v4-64", "3b", "v4-64", "superres"),
     Row("superres-3b-v4-128", "3b", "v4-128", "superres"),
@@ -79,7 +82,7 @@ def run_row(row: Row):
         config,
         tpu.parse(row.topology),
         [row.program],
-        ["precomputed"],
+        [row.text],
         sampler_batch=row.sampler_batch,
         log=lambda line: print(line, flush=True),
     )

@@ -86,7 +86,7 @@ class Topology:
     @property
     def name(self) -> str:
         base = f"{self.chip.name}:{self.grid}"
-        return base if self.num_slices == 1 else f"{base}x{self.num_slices} slices"
+        return base if self.num_slices == 1 else f"{base} x {self.num_slices} slices"
 
     @property
     def libtpu_name(self) -> str:

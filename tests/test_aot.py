@@ -258,3 +258,21 @@ def test_sizing_reports_the_compilers_memory_in_place_of_its_estimate():
     line = sizing.compiler_report(config, 8, {"data": 1, "fsdp": 4, "tensor": 1}, "")
     assert line.startswith("XLA:TPU compiler on v4:2x2x1 (replaces the estimate): ")
     assert "GiB per device of 32.00 GiB HBM, fits" in line
+
+
+@needs_libtpu
+def test_two_slices_stack_on_the_data_axis():
+    tpu.quiet_libtpu_environment()
+    topology = tpu.parse("v5e:2x2", num_slices=2)
+    assert topology.num_chips == 8 and topology.name == "v5e:2x2 x 2 slices"
+    config = shapes_tiny.get_config("smoke")
+    config.mesh.shape.update(dict(data=4, fsdp=2, tensor=1))
+    mesh = aot.make_mesh(config.mesh.shape, tpu.devices(topology), topology.num_slices)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    # Each half of the data axis is one slice; fsdp stays inside a slice.
+    assert (slices[:2] == 0).all() and (slices[2:] == 1).all()
+    fn, args = aot.train_program(config, "tokenizer", mesh, 8)
+    result = aot.compile_program("tokenizer", fn, args, mesh, topology, 8, {})
+    assert result.fits and result.mesh == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="data=3 does not divide over 2 slices"):
+        aot.mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 12, 2)
