@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -205,18 +206,40 @@ class Checkpointer:
     def _save_failed(self, step: int | None, e: BaseException) -> CheckpointSaveError:
         """One line naming the failed step, why, and the last good checkpoint; the failed
         save's temporary folder is removed (it frees the space it took)."""
-        for name in storage.listdir(str(self.directory)):
-            if ".orbax-checkpoint-tmp" in name:
-                try:
-                    storage.remove_tree(str(self.directory / name))
-                except OSError:
-                    pass
+        try:  # The failed save's other writers finish (or fail) before its folder goes.
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 -- the failure being reported.
+            pass
+        self._remove_unfinished()
         good = finalized_steps(str(self.directory))
         last = f"step {good[-1]}" if good else "none"
         return CheckpointSaveError(
             f"Saving the checkpoint of step {step} in {self.directory} failed ({_reason(e)}). "
             f"Stopped; the last good checkpoint is {last}."
         )
+
+    def _remove_unfinished(self) -> None:
+        """Removes failed saves' temporary folders. A writer thread still closing may recreate
+        a file while a folder goes: try again briefly until none is left."""
+        for attempt in range(10):
+            left = [n for n in storage.listdir(str(self.directory)) if ".orbax-checkpoint-tmp" in n]
+            if not left:
+                return
+            for name in left:
+                try:
+                    storage.remove_tree(str(self.directory / name))
+                except OSError:
+                    pass
+            time.sleep(0.1 * attempt)
+
+    def abandon(self) -> None:
+        """After a failed save: stops the manager (joining its writer threads, whatever they
+        raise) and removes what the failed save left, so that nothing writes afterwards."""
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 -- the failure was already reported.
+            pass
+        self._remove_unfinished()
 
     def check(self) -> None:
         """Raises CheckpointSaveError when an asynchronous save has failed."""

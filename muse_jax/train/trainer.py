@@ -289,64 +289,70 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     boundaries = _boundaries(tc)
     vote = _StopVote()
     with _Preemption() as preemption, mesh:
-        while step < num_steps:
-            ckpt.check()  # A failed asynchronous save stops training at once, in one line.
-            k = steps_in_next_call(step, steps_per_call, num_steps, boundaries)
-            if k == 1:
-                batch = parallel.shard_batch(next(batches), batch_sharding)
-                state, metrics = train_step(state, batch, frozen)
-            else:
-                stacked = stack_batches([next(batches) for _ in range(k)])
-                batch = parallel.shard_batch(stacked, stacked_sharding)
-                state, metrics = train_steps(state, batch, frozen)  # Summed over the k steps.
-            step += k
-            acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
-            acc_count += k
-            report(step, time.time())
+        try:
+            while step < num_steps:
+                ckpt.check()  # A failed asynchronous save stops training at once, in one line.
+                k = steps_in_next_call(step, steps_per_call, num_steps, boundaries)
+                if k == 1:
+                    batch = parallel.shard_batch(next(batches), batch_sharding)
+                    state, metrics = train_step(state, batch, frozen)
+                else:
+                    stacked = stack_batches([next(batches) for _ in range(k)])
+                    batch = parallel.shard_batch(stacked, stacked_sharding)
+                    state, metrics = train_steps(state, batch, frozen)  # Summed over the k steps.
+                step += k
+                acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+                acc_count += k
+                report(step, time.time())
 
-            over_budget = budget > 0 and time.time() - t_start > budget
-            stop_reason = vote.at_boundary(preemption.requested, over_budget)
-            is_last = step == num_steps or stop_reason is not None
-            save_now = is_last or step % tc.checkpoint_every == 0
-            if step % tc.log_every == 0 or save_now:
-                last_metrics = {k: float(v) / acc_count for k, v in jax.device_get(acc).items()}
-                acc, acc_count = None, 0
-                if not _is_finite(last_metrics):
-                    ckpt.wait()
-                    writer.flush()
-                    raise FloatingPointError(
-                        f"[{stage.name}] non-finite metrics at step {step}: {last_metrics}. "
-                        f"Stopped; the last good checkpoint is step {ckpt.latest_step()}."
-                    )
-                writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
-                now = time.time()
-                rate = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                shown = " ".join(f"{k}={last_metrics[k]:.4g}" for k in _shown(last_metrics))
-                _log(
-                    f"[{stage.name}] step {step}/{num_steps} {shown} "
-                    f"{rate:.2f} steps/s ETA {_format_eta((num_steps - step) / max(rate, 1e-9))}"
-                )
-            # Image summaries evaluate host-local batches: single-controller only (a side-car
-            # evaluator serves multi-host jobs).
-            if (step % tc.summary_every == 0 or is_last) and jax.process_count() == 1:
-                evals = stage.write_summaries(state, frozen, writer, step)
-                evals = {k: v for k, v in evals.items() if math.isfinite(v)}
-                if evals:
-                    writer.write_scalars(step, evals)
+                over_budget = budget > 0 and time.time() - t_start > budget
+                stop_reason = vote.at_boundary(preemption.requested, over_budget)
+                is_last = step == num_steps or stop_reason is not None
+                save_now = is_last or step % tc.checkpoint_every == 0
+                if step % tc.log_every == 0 or save_now:
+                    last_metrics = {k: float(v) / acc_count for k, v in jax.device_get(acc).items()}
+                    acc, acc_count = None, 0
+                    if not _is_finite(last_metrics):
+                        ckpt.wait()
+                        writer.flush()
+                        raise FloatingPointError(
+                            f"[{stage.name}] non-finite metrics at step {step}: {last_metrics}. "
+                            f"Stopped; the last good checkpoint is step {ckpt.latest_step()}."
+                        )
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
+                    now = time.time()
+                    rate = (step - step_log) / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    shown = " ".join(f"{k}={last_metrics[k]:.4g}" for k in _shown(last_metrics))
                     _log(
-                        f"[{stage.name}] step {step} "
-                        + " ".join(f"{k}={v:.4g}" for k, v in evals.items())
+                        f"[{stage.name}] step {step}/{num_steps} {shown} "
+                        f"{rate:.2f} steps/s ETA {_format_eta((num_steps - step) / max(rate, 1e-9))}"
                     )
-                    last_metrics.update(evals)
-            if save_now:
-                ckpt.save(step, state)
-            if stop_reason is not None:
-                status = stop_reason
-                _log(f"[{stage.name}] stopping at step {step} ({stop_reason}); checkpoint saved")
-                break
-        # Still under the SIGTERM handler: a notice that arrives now waits for the last save.
-        ckpt.close()
+                # Image summaries evaluate host-local batches: single-controller only (a side-car
+                # evaluator serves multi-host jobs).
+                if (step % tc.summary_every == 0 or is_last) and jax.process_count() == 1:
+                    evals = stage.write_summaries(state, frozen, writer, step)
+                    evals = {k: v for k, v in evals.items() if math.isfinite(v)}
+                    if evals:
+                        writer.write_scalars(step, evals)
+                        _log(
+                            f"[{stage.name}] step {step} "
+                            + " ".join(f"{k}={v:.4g}" for k, v in evals.items())
+                        )
+                        last_metrics.update(evals)
+                if save_now:
+                    ckpt.save(step, state)
+                if stop_reason is not None:
+                    status = stop_reason
+                    _log(
+                        f"[{stage.name}] stopping at step {step} ({stop_reason}); checkpoint saved"
+                    )
+                    break
+            # Still under the SIGTERM handler: a notice that arrives now waits for the last save.
+            ckpt.close()
+        except checkpoints.CheckpointSaveError:
+            ckpt.abandon()  # Its writers stopped and their temporary folder removed.
+            raise
         writer.flush()
         writer.close()
         if vote.now(preemption.requested):
