@@ -80,13 +80,6 @@ def shard_bytes(tree: Any, mesh_shape: Mapping[str, int], rules, dtype: Any | No
 # Modules of each component, built from the config the way the stages build them.
 
 
-def _context_dim(config) -> int:
-    t = config.base.text_encoder
-    if t.name == "t5":
-        return t5.get_config(t.preset).d_model
-    return t.width
-
-
 def text_encoder_module(config) -> nn.Module:
     t = config.base.text_encoder
     vocab = t5.get_config(t.preset).vocab_size if t.name == "t5" else 32128
@@ -131,7 +124,7 @@ def abstract_params(config, components: tuple[str, ...] = COMPONENTS) -> dict[st
     if "base" in components:
         transformer = factory.base_transformer(config)
         out["base"] = jax.eval_shape(
-            _transformer_init(transformer, config.data.text_length, _context_dim(config)), rng
+            _transformer_init(transformer, config.data.text_length, factory.text_width(config)), rng
         )
     sr = superres_modules(config) if "superres" in components else None
     if sr is not None:
@@ -146,7 +139,7 @@ def abstract_params(config, components: tuple[str, ...] = COMPONENTS) -> dict[st
             return high.init(
                 r,
                 jnp.zeros((1, high.seq_len), jnp.int32),
-                jnp.zeros((1, t, _context_dim(config))),
+                jnp.zeros((1, t, factory.text_width(config))),
                 jnp.ones((1, t), jnp.int32),
                 jnp.zeros((1, high.lowres_len), jnp.int32),
             )["params"]
@@ -177,13 +170,13 @@ def base_step_flops(config, batch_size: int) -> dict[str, float]:
     model = factory.base_transformer(config)
     params = nn.unbox(
         jax.eval_shape(
-            _transformer_init(model, config.data.text_length, _context_dim(config)),
+            _transformer_init(model, config.data.text_length, factory.text_width(config)),
             jax.random.key(0),
         )
     )
     s, t = model.seq_len, config.data.text_length
     tokens = jax.ShapeDtypeStruct((batch_size, s), jnp.int32)
-    ctx = jax.ShapeDtypeStruct((batch_size, t, _context_dim(config)), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((batch_size, t, factory.text_width(config)), jnp.float32)
     ctx_mask = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
     masked = jax.ShapeDtypeStruct((batch_size, s), jnp.bool_)
 
@@ -203,7 +196,7 @@ def base_step_flops(config, batch_size: int) -> dict[str, float]:
     w = model.width
     n_all = count(params)
     n_embed = (model.vocab_size + 1) * w + s * w
-    n_text = _context_dim(config) * w + w + model.depth * 2 * (w * w + w)
+    n_text = factory.text_width(config) * w + w + model.depth * 2 * (w * w + w)
     dense = 2 * (n_all - n_embed - n_text) * s + 2 * n_text * t
     attn = model.depth * 4 * model.width * (s * s + s * t)  # QK^T and AV, self + cross.
     analytic_fwd = batch_size * (dense + attn)

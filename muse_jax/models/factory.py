@@ -104,6 +104,17 @@ def superres_transformer(config) -> SuperResTransformer:
 _TEXT_ENCODERS = ("tiny", "t5")
 
 
+def text_width(config) -> int:
+    """Width D of the text context [B, S, D] the transformers read: the encoder's output
+    width (T5's d_model, or the tiny encoder's width), precomputed or in the graph."""
+    t = config.base.text_encoder
+    if t.name == "t5":
+        from muse_jax.models import t5
+
+        return t5.get_config(t.preset).d_model
+    return t.width
+
+
 def text_encoder(config, vocab_size: int) -> nn.Module:
     """The text encoder behind the base model's one interface: (ids, mask) -> [B, S, D]."""
     t = config.base.text_encoder

@@ -107,13 +107,9 @@ class ShapeConditioner:
         mask = np.zeros((n, length), np.int32)
         if not self.precomputed:
             return {"text_ids": np.zeros((n, length), np.int32), "text_mask": mask}
-        tcfg = self.config.base.text_encoder
-        if tcfg.name == "t5":
-            from muse_jax.models import t5
+        from muse_jax.models import factory
 
-            width = t5.get_config(tcfg.preset).d_model
-        else:
-            width = tcfg.width
+        width = factory.text_width(self.config)
         return {"text_emb": np.zeros((n, length, width), np.float32), "text_mask": mask}
 
 
