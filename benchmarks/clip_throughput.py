@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from muse_jax.eval import clip, clip_model  # noqa: E402
+from muse_jax.eval import clip  # noqa: E402
+from muse_jax.text import clip_model  # noqa: E402
 
 
 def load() -> str:

@@ -67,7 +67,7 @@ def write_random_clip(directory: str, image_size: int = 32) -> str:
     import torch
     from tokenizers import pre_tokenizers
 
-    from muse_jax.eval.clip_tokenizer import BOS, EOS
+    from muse_jax.text.clip_tokenizer import BOS, EOS
 
     transformers = import_transformers()
     os.makedirs(directory, exist_ok=True)

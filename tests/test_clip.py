@@ -23,8 +23,9 @@ transformers = import_transformers()  # Hides a torchvision that cannot load.
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tokenizers import pre_tokenizers  # noqa: E402
 
-from muse_jax.eval import clip, clip_model  # noqa: E402
-from muse_jax.eval.clip_tokenizer import BOS, EOS, CLIPTokenizer  # noqa: E402
+from muse_jax.eval import clip  # noqa: E402
+from muse_jax.text import clip_model  # noqa: E402
+from muse_jax.text.clip_tokenizer import BOS, EOS, CLIPTokenizer  # noqa: E402
 from muse_jax.text.safetensors_t5 import CheckpointError  # noqa: E402
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "car", "that", "is", "'s", "12"]

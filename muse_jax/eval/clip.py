@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from muse_jax.eval import clip_model
-from muse_jax.eval.clip_tokenizer import CLIPTokenizer
+from muse_jax.text import clip_model
+from muse_jax.text.clip_tokenizer import CLIPTokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

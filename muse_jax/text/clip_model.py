@@ -244,10 +244,15 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, keep: int | None = None):
+        """The last layer's output; with `keep` k, also the output after k layers (k = 0: the
+        input), as `hidden_states[k]` of transformers' `output_hidden_states`."""
+        kept = x if keep == 0 else None
         for i in range(self.config.num_hidden_layers):
             x = EncoderLayer(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
-        return x
+            if keep == i + 1:
+                kept = x
+        return x if keep is None else (x, kept)
 
 
 class VisionTransformer(nn.Module):
@@ -297,7 +302,9 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: jax.Array, keep: int | None = None):
+        """Pooled [B, hidden]; with `keep` k, (pooled, the hidden states after k layers
+        [B, S, hidden], before the final LayerNorm)."""
         cfg = self.config
         chex.assert_rank(ids, 2)
         if ids.shape[1] > cfg.max_position_embeddings:
@@ -318,7 +325,9 @@ class TextTransformer(nn.Module):
             name="position_embedding",
         ).embedding
         x = tokens + pos[: ids.shape[1]]
-        x = Encoder(cfg, causal=True, dtype=self.dtype, name="encoder")(x)
+        x = Encoder(cfg, causal=True, dtype=self.dtype, name="encoder")(x, keep)
+        if keep is not None:
+            x, kept = x
         x = _layer_norm(cfg.layer_norm_eps, "final_layer_norm")(x)
         # transformers' rule, kept so a config pools where transformers pools: the legacy id 2
         # means "the largest id is the EOS"; otherwise the first occurrence of eos_token_id.
@@ -327,7 +336,38 @@ class TextTransformer(nn.Module):
             where = jnp.argmax(ids, axis=-1)
         else:
             where = jnp.argmax(ids == cfg.eos_token_id, axis=-1)
-        return x[jnp.arange(ids.shape[0]), where]
+        pooled = x[jnp.arange(ids.shape[0]), where]
+        return pooled if keep is None else (pooled, kept)
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's text tower as a text-to-image model's encoder (`CLIPTextModelWithProjection`):
+    ids [B, S] -> {'hidden': the hidden states after `hidden_layer` [B, S, hidden] (-2: the
+    penultimate layer's, what aMUSEd and Stable Diffusion XL condition on), 'pooled': the
+    projected EOS state [B, projection_dim]}.
+
+    The mask argument is accepted for the project's (ids, mask) interface and ignored: CLIP
+    attends causally, and its text-to-image users pass no padding mask either.
+    """
+
+    config: TextConfig
+    projection_dim: int
+    hidden_layer: int = -2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        del mask
+        layers = self.config.num_hidden_layers
+        keep = self.hidden_layer if self.hidden_layer >= 0 else layers + 1 + self.hidden_layer
+        if not 0 <= keep <= layers:
+            raise ValueError(f"hidden_layer {self.hidden_layer} outside a {layers}-layer tower.")
+        pooled, hidden = TextTransformer(self.config, self.dtype, name="text_model")(ids, keep)
+        dense = _dense(self.projection_dim, ("embed", None), self.dtype, "text_projection", False)
+        return {
+            "hidden": hidden.astype(jnp.float32),
+            "pooled": dense(pooled).astype(jnp.float32),
+        }
 
 
 class CLIP(nn.Module):
@@ -576,19 +616,68 @@ def load_params(path: str, config: CLIPConfig | None = None) -> dict:
         (e.g. a checkpoint of another architecture), or a shape that differs from the model's.
     """
     config = config or config_from_hf(path)
+    return _load_table(path, _hf_to_flax(config), param_shapes(config), "a CLIPModel")
+
+
+def text_encoder_from_hf(hf: dict, source: str, hidden_layer: int = -2) -> dict[str, Any]:
+    """The `config.base.text_encoder` block (name 'clip') of a transformers
+    `CLIPTextModelWithProjection` config.json dict (aMUSEd's and SDXL's `text_encoder`)."""
+    if hf.get("model_type") != "clip_text_model":
+        raise CheckpointError(
+            f"{source}: model_type {hf.get('model_type')!r}, expected 'clip_text_model' (a "
+            "transformers CLIPTextModelWithProjection)."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(TextConfig)}
+    fields = {k: hf.get(k, v) for k, v in defaults.items()}
+    if fields["hidden_act"] not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: hidden_act {fields['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}."
+        )
+    return dict(
+        name="clip",
+        clip=fields,
+        projection_dim=int(hf.get("projection_dim", 512)),
+        hidden_layer=hidden_layer,
+    )
+
+
+def text_encoder(block, dtype: str = "float32") -> CLIPTextEncoder:
+    """The `CLIPTextEncoder` a `config.base.text_encoder` block (name 'clip') describes."""
+    return CLIPTextEncoder(
+        TextConfig(**dict(block.clip)),
+        int(block.projection_dim),
+        int(block.get("hidden_layer", -2)),
+        get_dtype(dtype),
+    )
+
+
+def load_text_encoder_params(path: str, encoder: CLIPTextEncoder) -> dict:
+    """The unboxed `encoder` parameters from a transformers `CLIPTextModelWithProjection`
+    directory (model.safetensors or sharded; local or gs://)."""
+    ids = jnp.zeros((1, encoder.config.max_position_embeddings), jnp.int32)
+    expected = nn.unbox(jax.eval_shape(encoder.init, jax.random.key(0), ids)["params"])
+    full = _hf_to_flax(CLIPConfig(text=encoder.config, vision=VisionConfig(num_hidden_layers=0)))
+    table = {k: v for k, v in full.items() if k.startswith("text_model.")}
+    table["text_projection.weight"] = (("text_projection", "kernel"), "linear")
+    return _load_table(path, table, expected, "a CLIPTextModelWithProjection")
+
+
+def _load_table(path: str, table: dict, expected: Any, what: str) -> dict:
+    """The tree `expected` read from the safetensors files of directory `path` by `table`
+    (transformers key -> (Flax path, layout)); one-line CheckpointErrors."""
     remote = storage.is_remote(path)
+    if not storage.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory does not exist.")
     files = _remote_weight_files(path) if remote else _weight_files(path)
     index = storage.join(path, INDEX_FILE)
     source = index if storage.exists(index) else storage.join(path, WEIGHTS_FILE)
     for file in sorted(set(files.values())):
         if not storage.exists(file):
             raise CheckpointError(f"{source}: names {os.path.basename(file)}, which is missing.")
-    table = _hf_to_flax(config)
-    expected = param_shapes(config)
     for k, file in files.items():
         # position_ids are non-trainable buffers that older transformers versions saved.
         if k not in table and not k.endswith("embeddings.position_ids"):
-            raise CheckpointError(f"{file}: unexpected key {k!r} for a CLIPModel of this config.")
+            raise CheckpointError(f"{file}: unexpected key {k!r} for {what} of this config.")
     for k in table:
         if k not in files:
             raise CheckpointError(f"{source}: missing key {k!r}.")

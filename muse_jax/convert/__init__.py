@@ -1,0 +1,1 @@
+"""Converters from published weights (diffusers' aMUSEd, MaskGIT) into this project's models."""
