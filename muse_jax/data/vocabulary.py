@@ -49,7 +49,8 @@ def train_shapes_vocabulary(path: str) -> str:
 
 
 def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabulary:
-    """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'.
+    """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'
+    ('clip:<dir>' gives the data pipeline bytes: see `text.conditioning`).
 
     `create=False` (readers of a trained model) never writes: a missing shapes vocabulary is a
     FileNotFoundError instead of a new file in someone's workdir.
@@ -64,6 +65,10 @@ def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabula
             )
         return seqio.SentencePieceVocabulary(train_shapes_vocabulary(path))
     if name == "byte":
+        return seqio.ByteVocabulary()
+    if name.startswith("clip:"):
+        # CLIP's BPE tokenizes captions on the host (`text.conditioning.TextConditioner`), which
+        # replaces whatever ids the data pipeline made; bytes keep the pipeline's shape.
         return seqio.ByteVocabulary()
     if not storage.exists(name):
         raise FileNotFoundError(

@@ -22,6 +22,8 @@ import ml_collections
 from muse_jax import storage
 from muse_jax.inference import model as model_lib
 from muse_jax.inference import weights
+from muse_jax.text import clip_tokenizer
+from muse_jax.text.conditioning import CLIP_PREFIX, clip_tokenizer_dir
 
 # The config keys sampling reads (see `muse_jax.models.factory` and the samplers).
 _KEYS = {
@@ -48,6 +50,10 @@ def sampling_config(config, vocabulary: str) -> dict[str, Any]:
 
 def _copy_vocabulary(model: model_lib.Model, out: str) -> str:
     """Copies the vocabulary file into `out`; returns the config's value for it."""
+    clip_dir = clip_tokenizer_dir(model.config)
+    if clip_dir is not None:
+        copy_clip_tokenizer(clip_dir, storage.join(out, CLIP_TOKENIZER_DIR))
+        return CLIP_PREFIX + CLIP_TOKENIZER_DIR
     vocab = model.conditioner.vocab if not model.conditioner.precomputed else None
     path = getattr(vocab, "sentencepiece_model_file", None) if vocab is not None else None
     if vocab is None:
@@ -56,6 +62,23 @@ def _copy_vocabulary(model: model_lib.Model, out: str) -> str:
         return "byte"
     storage.write_bytes(storage.join(out, "vocab.model"), storage.read_bytes(path))
     return "vocab.model"
+
+
+CLIP_TOKENIZER_DIR = "clip_tokenizer"
+
+
+def copy_clip_tokenizer(source: str, out: str) -> None:
+    """Copies the files of a CLIP tokenizer directory that `CLIPTokenizer` reads."""
+    copied = 0
+    for name in clip_tokenizer.FILES:
+        if storage.exists(storage.join(source, name)):
+            data = storage.read_bytes(storage.join(source, name))
+            storage.write_bytes(storage.join(out, name), data)
+            copied += 1
+    if not copied:
+        raise FileNotFoundError(
+            f"{source} holds none of CLIP's tokenizer files {clip_tokenizer.FILES}."
+        )
 
 
 def _card(model: model_lib.Model, source: str, scores: dict | None, sizes: dict, data: str) -> str:

@@ -12,6 +12,7 @@ Nothing is written by loading: a missing stage or vocabulary is a FileNotFoundEr
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Protocol
 
 import jax
@@ -23,7 +24,7 @@ from muse_jax.inference import modules as modules_lib
 from muse_jax.inference import weights
 from muse_jax.sampling.sampler import CascadeSampler, MuseSampler, SuperResSampler
 from muse_jax.stages import has_cascade, stage_dir
-from muse_jax.text.conditioning import TextConditioner
+from muse_jax.text.conditioning import CLIP_PREFIX, TextConditioner
 
 
 class Reader(Protocol):
@@ -269,9 +270,21 @@ def exported_config(directory: str, manifest: dict[str, Any]) -> ml_collections.
     config = ml_collections.ConfigDict(manifest["config"])
     config.data.data_dir = ""  # Read by nothing: the vocabulary is a file or bytes.
     vocab = config.data.get("vocabulary", "byte")
-    if vocab != "byte":
+    if vocab.startswith(CLIP_PREFIX):
+        config.data.vocabulary = CLIP_PREFIX + _inside(directory, vocab[len(CLIP_PREFIX) :])
+    elif vocab != "byte":
         config.data.vocabulary = storage.join(directory, vocab)
+    text = config.base.text_encoder
+    if text.name == "clip" and text.get("checkpoint"):  # Converted models hold their encoder.
+        text.checkpoint = _inside(directory, text.checkpoint)
     return config
+
+
+def _inside(directory: str, path: str) -> str:
+    """`path` of config.json, resolved against the model directory when it is relative."""
+    if storage.is_remote(path) or os.path.isabs(path):
+        return path
+    return storage.join(directory, path)
 
 
 def from_exported(directory: str, *, stages: str | None = None) -> Model:

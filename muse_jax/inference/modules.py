@@ -36,23 +36,31 @@ def init_text(text_encoder, length: int, rng: jax.Array) -> Any:
     return text_encoder.init(rng, ids, jnp.ones_like(ids))["params"]
 
 
-def context_shape(text_encoder, text_params: Any, length: int, emb_shape=None) -> tuple[int, ...]:
-    """[1, S, D] of the transformer's text context: the encoder's output, or the shape of the
-    precomputed embeddings (`emb_shape`, [N, S, D]) when there is no encoder in the graph."""
+def context_shape(text_encoder, text_params: Any, length: int, emb_shape=None) -> Any:
+    """The transformer's text context for one prompt, as `jax.ShapeDtypeStruct`s: the
+    encoder's output ([1, S, D], or a dict such as CLIP's {'hidden', 'pooled'}), or the shape
+    of the precomputed embeddings (`emb_shape`, [N, S, D]) when there is no encoder in the
+    graph."""
     if text_encoder is None:
-        return (1,) + tuple(emb_shape[1:])
+        return jax.ShapeDtypeStruct((1,) + tuple(emb_shape[1:]), jnp.float32)
     ids = jnp.zeros((1, length), jnp.int32)
-    out = jax.eval_shape(
+    return jax.eval_shape(
         lambda p: text_encoder.apply({"params": p}, ids, jnp.ones_like(ids)), text_params
     )
-    return tuple(out.shape)
 
 
-def init_transformer(transformer, ctx_shape, rng: jax.Array, **inputs) -> Any:
-    """A (super-res) masked transformer's (boxed) parameters for a [1, S, D] context."""
+def context_length(ctx: Any) -> int:
+    """S of a text context (its 'hidden' states when it is a dict)."""
+    return (ctx["hidden"] if isinstance(ctx, dict) else ctx).shape[1]
+
+
+def init_transformer(transformer, ctx_shape: Any, rng: jax.Array, **inputs) -> Any:
+    """A (super-res) masked transformer's (boxed) parameters for a one-prompt context
+    (`context_shape`)."""
     tokens = jnp.zeros((1, transformer.seq_len), jnp.int32)
-    mask = jnp.ones(tuple(ctx_shape[:2]), jnp.int32)
-    return transformer.init(rng, tokens, jnp.zeros(ctx_shape), mask, **inputs)["params"]
+    mask = jnp.ones((1, context_length(ctx_shape)), jnp.int32)
+    ctx = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), ctx_shape)
+    return transformer.init(rng, tokens, ctx, mask, **inputs)["params"]
 
 
 @dataclasses.dataclass

@@ -8,11 +8,29 @@ from muse_jax.models.layers import get_dtype
 from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer, TinyTextEncoder
 from muse_jax.models.vqgan import VQGAN
 
+TOKENIZER_KINDS = ("vqgan", "amused_vq", "maskgit")
+BASE_KINDS = ("muse", "uvit")
 
-def vqgan(m, decoder=None) -> VQGAN:
-    """A VQGAN from a tokenizer model block (`config.tokenizer.model` or
-    `config.superres_tokenizer.model`); `decoder` (`config.decoder.model`) widens/deepens the
-    decoder for decoder fine-tuning."""
+
+def vqgan(m, decoder=None) -> nn.Module:
+    """The tokenizer a model block describes (`config.tokenizer.model` or
+    `config.superres_tokenizer.model`), by its `kind`: this project's VQGAN (default), aMUSEd's
+    VQ model, or MaskGIT's VQGAN; each has VQGAN's encode/tokenize/decode_ids interface.
+    `decoder` (`config.decoder.model`) widens/deepens the VQGAN's decoder for decoder
+    fine-tuning."""
+    kind = m.get("kind", "vqgan")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"Unknown tokenizer model kind {kind!r}; valid: {TOKENIZER_KINDS}.")
+    if kind != "vqgan" and decoder is not None:
+        raise ValueError(f"Decoder fine-tuning needs a kind='vqgan' tokenizer, not {kind!r}.")
+    if kind == "amused_vq":
+        from muse_jax.models import amused_vq
+
+        return amused_vq.build(m)
+    if kind == "maskgit":
+        from muse_jax.models import maskgit_vqgan
+
+        return maskgit_vqgan.build(m)
     return VQGAN(
         channels=m.channels,
         channel_mult=tuple(m.channel_mult),
@@ -61,9 +79,20 @@ def superres_token_grid(config) -> int:
     )
 
 
-def base_transformer(config) -> MaskedTransformer:
+def base_transformer(config) -> nn.Module:
+    """The base stage's transformer by `config.base.model.kind`: this project's Muse
+    transformer (default) or aMUSEd's U-ViT (`models.uvit_transformer`)."""
     m = config.base.model
     side = token_grid(config)
+    kind = m.get("kind", "muse")
+    if kind not in BASE_KINDS:
+        raise ValueError(f"Unknown config.base.model.kind {kind!r}; valid: {BASE_KINDS}.")
+    if kind == "uvit":
+        from muse_jax.models import uvit_transformer
+
+        if config.base.text_encoder.name != "clip":
+            raise ValueError("config.base.model.kind='uvit' needs text_encoder.name='clip'.")
+        return uvit_transformer.build(m, side * side, config.tokenizer.model.codebook_size)
     return MaskedTransformer(
         vocab_size=config.tokenizer.model.codebook_size,
         seq_len=side * side,
@@ -101,7 +130,7 @@ def superres_transformer(config) -> SuperResTransformer:
     )
 
 
-_TEXT_ENCODERS = ("tiny", "t5")
+_TEXT_ENCODERS = ("tiny", "t5", "clip")
 
 
 def text_width(config) -> int:
@@ -112,6 +141,8 @@ def text_width(config) -> int:
         from muse_jax.models import t5
 
         return t5.get_config(t.preset).d_model
+    if t.name == "clip":
+        return t.clip.hidden_size
     return t.width
 
 
@@ -138,4 +169,8 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
                 f"{t5_config.vocab_size}: use the SentencePiece model the checkpoint was trained with."
             )
         return t5.T5Encoder(t5_config)
+    if t.name == "clip":
+        from muse_jax.models import clip
+
+        return clip.text_encoder(t, t.get("dtype", "float32"))
     raise ValueError(f"Unknown config.base.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")

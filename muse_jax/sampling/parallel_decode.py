@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import arg_reductions
 from muse_jax.sampling import categorical, mask_schedule
 
 TokensToLogits = Callable[[jax.Array, jax.Array], jax.Array]
@@ -52,7 +53,7 @@ def decode(
       num_steps: decoding steps T (static).
       schedule: masking schedule name (see `mask_schedule`).
       temperature: sampling temperature of the first step; anneals linearly to
-        `temperature_final` (default: constant).
+        `temperature_final` (default: constant). 0 takes the most likely token (argmax).
       choice_temperature: scale of the Gumbel noise on confidences at the first step.
     Returns:
       A `DecodeResult` with the decoded tokens and the masked count after each step.
@@ -70,7 +71,12 @@ def decode(
         logits = tokens_to_logits(cur, step).astype(jnp.float32)
         progress = (step + 1) / num_steps
         temp = temperature + (t_final - temperature) * step / max(num_steps - 1, 1)
-        sampled = categorical.sample(sample_rng, logits / temp)
+        # Temperature 0 is greedy decoding (argmax): deterministic, e.g. for parity checks.
+        sampled = jax.lax.cond(
+            temp > 0,
+            lambda: categorical.sample(sample_rng, logits / jnp.maximum(temp, 1e-6)),
+            lambda: arg_reductions.argmax(logits).astype(jnp.int32),
+        )
         unknown = cur == mask_id
         sampled = jnp.where(unknown, sampled, cur)
         # log p(sampled) without materialising log_softmax over the whole codebook.

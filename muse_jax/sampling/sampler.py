@@ -47,7 +47,7 @@ class Settings:
     compiles nothing); the static fields are part of the compiled program's key."""
 
     guidance_scale: jax.Array  # [] float32; 0 = no guidance (a program of its own)
-    temperature: jax.Array  # [] first-step token temperature
+    temperature: jax.Array  # [] first-step token temperature (0: argmax)
     temperature_final: jax.Array  # [] last-step token temperature (linear in between)
     choice_temperature: jax.Array  # [] Gumbel noise on confidences at the first step
     num_steps: int = flax.struct.field(pytree_node=False)
@@ -67,8 +67,8 @@ class Settings:
         if steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {steps}.")
         temperature = float(values["temperature"])
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: argmax), got {temperature}.")
         final = values.get("temperature_final")
         scale = float(values["guidance_scale"])
         if scale < 0:

@@ -21,7 +21,17 @@ import numpy as np
 
 from muse_jax import storage
 from muse_jax.data import tasks, vocabulary
+from muse_jax.text.clip_tokenizer import CLIPTokenizer
 from muse_jax.text.embeddings import EmbeddingTable
+
+
+def clip_tokenizer_dir(config) -> str | None:
+    """The directory of 'clip:<directory>' in `config.data.vocabulary`, else None."""
+    name = config.data.get("vocabulary", "")
+    return name[len(CLIP_PREFIX) :] if name.startswith(CLIP_PREFIX) else None
+
+
+CLIP_PREFIX = "clip:"
 
 
 def embeddings_dir(config) -> str:
@@ -50,7 +60,23 @@ class TextConditioner:
         return self.table is not None
 
     @functools.cached_property
+    def clip(self) -> CLIPTokenizer | None:
+        """CLIP's BPE tokenizer when `config.data.vocabulary` is 'clip:<directory>'."""
+        directory = clip_tokenizer_dir(self.config)
+        if directory is None:
+            return None
+        return CLIPTokenizer.from_pretrained(directory, self.config.data.text_length)
+
+    @property
+    def host_encoded(self) -> bool:
+        """Captions become the model's input here, per batch, not in the data pipeline
+        (embedding lookups, and CLIP's tokenizer, whose BOS/padding seqio does not follow)."""
+        return self.precomputed or self.clip is not None
+
+    @functools.cached_property
     def vocab(self):
+        if self.clip is not None:
+            return self.clip
         return vocabulary.get_vocabulary(
             self.config, tasks.data_dir(self.config, self.workdir), create=self.create_vocab
         )
@@ -60,11 +86,17 @@ class TextConditioner:
         if self.table is not None:
             emb, mask = self.table.lookup(captions)
             return {"text_emb": emb, "text_mask": mask}
+        if self.clip is not None:
+            ids = self.clip(list(captions))
+            # 1 up to and including the first EOS (the encoder itself reads no mask).
+            first_eos = np.argmax(ids == self.clip.eos_id, axis=-1)
+            mask = (np.arange(ids.shape[1])[None] <= first_eos[:, None]).astype(np.int32)
+            return {"text_ids": ids, "text_mask": mask}
         ids, mask = encode_ids(self.vocab, captions, self.config.data.text_length)
         return {"text_ids": ids, "text_mask": mask}
 
     def add_to_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Replaces a batch's captions by looked-up embeddings (precomputed mode)."""
+        """Replaces a batch's captions by their host-side encoding (see `host_encoded`)."""
         captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch.pop("caption")]
         batch.pop("text_ids", None)
         batch.update(self.encode(captions))

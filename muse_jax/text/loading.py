@@ -1,5 +1,6 @@
 """Loads a frozen text encoder's weights from the formats users have: T5X checkpoints (legacy
-tensorstore or orbax) and transformers-style safetensors directories. Nothing is downloaded."""
+tensorstore or orbax) and transformers-style safetensors directories (T5, and CLIP's text tower
+with projection). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -55,7 +56,19 @@ def load_text_encoder(config, abstract: Any, shardings: Any) -> Any:
 
     tcfg = config.base.text_encoder
     expected = jax.tree.map(lambda x: tuple(x.shape), abstract)
-    params = load_t5_params(tcfg.checkpoint, expected, t5.get_config(tcfg.preset))
+    if tcfg.name == "clip":
+        from muse_jax.text import clip_model
+
+        if not tcfg.get("checkpoint"):
+            raise FileNotFoundError(
+                "config.base.text_encoder.checkpoint is empty: point it at a transformers "
+                "CLIPTextModelWithProjection directory (config.json + model.safetensors)."
+            )
+        params = clip_model.load_text_encoder_params(
+            tcfg.checkpoint, clip_model.text_encoder(tcfg, tcfg.get("dtype", "float32"))
+        )
+    else:
+        params = load_t5_params(tcfg.checkpoint, expected, t5.get_config(tcfg.preset))
     return jax.tree.map(
         lambda x, a, s: jax.device_put(np.asarray(x, a.dtype), s), params, abstract, shardings
     )

@@ -18,6 +18,7 @@ import optax
 
 from muse_jax import parallel, stages
 from muse_jax.data import tasks
+from muse_jax.inference import modules
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
 from muse_jax.sampling.sampler import MuseSampler
@@ -75,15 +76,14 @@ class BaseStage(stage.Stage):
         """Extra inputs of the transformer beyond (tokens, context, mask), for `init`."""
         return {}
 
-    def _context_shape(self, text_params) -> tuple[int, ...]:
-        length = self.config.data.text_length
-        if self.text_encoder is None:
-            return (1,) + self.empty["text_emb"].shape[1:]
-        ids = jnp.zeros((1, length), jnp.int32)
-        out = jax.eval_shape(
-            lambda p: self.text_encoder.apply({"params": p}, ids, jnp.ones_like(ids)), text_params
+    def _context_shape(self, text_params) -> Any:
+        emb = self.empty.get("text_emb")
+        return modules.context_shape(
+            self.text_encoder,
+            text_params,
+            self.config.data.text_length,
+            None if emb is None else emb.shape,
         )
-        return out.shape
 
     def _text_init(self, rng: jax.Array):
         length = self.config.data.text_length
@@ -100,11 +100,9 @@ class BaseStage(stage.Stage):
                 params["text_encoder"] = text_params
         else:
             ctx_shape = self._context_shape(None)
-        tokens = jnp.zeros((1, self.transformer.seq_len), jnp.int32)
-        mask = jnp.ones(ctx_shape[:2], jnp.int32)
-        params["transformer"] = self.transformer.init(
-            x_rng, tokens, jnp.zeros(ctx_shape), mask, **self.init_inputs()
-        )["params"]
+        params["transformer"] = modules.init_transformer(
+            self.transformer, ctx_shape, x_rng, **self.init_inputs()
+        )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -112,6 +110,14 @@ class BaseStage(stage.Stage):
             rng=rng,
             extra={},
         )
+
+    def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
+        """`base.init_from='model:DIR'`: fine-tune the base stage of an exported or converted
+        model (e.g. aMUSEd from `muse_jax.convert`) instead of starting from random weights."""
+        source = self.stage_config.get("init_from", "")
+        if source and not source.startswith(stage.MODEL_PREFIX):
+            raise ValueError(f"{self.name}.init_from={source!r}; valid: '' or 'model:DIR'.")
+        return self.init_from_model(state, "base", ("transformer", "text_encoder"))
 
     def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
         params, step = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules, abstract)
@@ -156,10 +162,10 @@ class BaseStage(stage.Stage):
             batch_size=self.train_config.batch_size,
             seed=seed,
             start_step=start_step,
-            keep_captions=self.conditioner.precomputed,
+            keep_captions=self.conditioner.host_encoded,
             images=self.image_keys,
         )
-        if self.conditioner.precomputed:
+        if self.conditioner.host_encoded:
             return (self.conditioner.add_to_batch(b) for b in it)
         return it
 

@@ -91,6 +91,27 @@ class Stage(abc.ABC):
         at the start step as `data/...`; building the data here also fails fast on a bad source."""
         return {}
 
+    def init_from_model(self, state: TrainState, component: str, keys: tuple[str, ...]):
+        """`state` with its parameters `keys` replaced by those of stage `component` of the
+        model directory named by `<stage>.init_from='model:DIR'` (written by `muse_jax.export`
+        or `muse_jax.convert`), placed like the state's; other init_from values: unchanged."""
+        source = self.stage_config.get("init_from", "")
+        if not source.startswith(MODEL_PREFIX):
+            return state
+        from muse_jax.inference import weights
+
+        directory = source[len(MODEL_PREFIX) :]
+        path = storage.join(directory, f"{component}.safetensors")
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{self.name}.init_from: {path} does not exist.")
+        current = {k: state.params[k] for k in keys if k in state.params}
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current
+        )
+        loaded = weights.load(path, abstract)
+        print(f"[{self.name}] starting from {path}", flush=True)
+        return state.replace(params={**state.params, **loaded})
+
     def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
         """A fresh state's starting weights (e.g. from another stage's checkpoint); called
         only when the stage has no checkpoint of its own, never on resume."""
@@ -119,6 +140,9 @@ class Stage(abc.ABC):
 
 
 _REGISTRY: dict[str, type[Stage]] = {}
+
+
+MODEL_PREFIX = "model:"
 
 
 def register(cls: type[Stage]) -> type[Stage]:

@@ -48,6 +48,9 @@ def make_discriminator(lc) -> PatchDiscriminator | None:
     return PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
 
 
+MASKGIT_PREFIX = "maskgit:"
+
+
 @stage.register
 class TokenizerStage(stage.Stage):
     name = "tokenizer"
@@ -82,6 +85,34 @@ class TokenizerStage(stage.Stage):
             rng=rng,
             extra={"usage": jnp.full((k,), 1.0 / k, jnp.float32)},
         )
+
+    def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
+        """`tokenizer.init_from`: 'maskgit:PATH' (MaskGIT's VQGAN checkpoint; the model block
+        must be kind='maskgit'), 'model:DIR' (the tokenizer of an exported or converted
+        model), or '' (train from scratch). With `train.num_steps=0` the stage then saves
+        these weights as its step 0 and trains nothing."""
+        source = self.stage_config.get("init_from", "")
+        if source.startswith(MASKGIT_PREFIX):
+            from muse_jax.convert import maskgit
+
+            if self.stage_config.model.get("kind", "vqgan") != "maskgit":
+                raise ValueError(
+                    f"{self.name}.init_from={source!r} needs {self.name}.model.kind='maskgit'."
+                )
+            path = source[len(MASKGIT_PREFIX) :]
+            loaded = maskgit.params_from_checkpoint(path, self.model)
+            vq = jax.tree.map(
+                lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+                loaded,
+                state.params["vq"],
+            )
+            print(f"[{self.name}] starting from MaskGIT's tokenizer {path}", flush=True)
+            return state.replace(params={**state.params, "vq": vq})
+        if source and not source.startswith(stage.MODEL_PREFIX):
+            raise ValueError(
+                f"{self.name}.init_from={source!r}; valid: '', 'maskgit:PATH' or 'model:DIR'."
+            )
+        return self.init_from_model(state, "tokenizer", ("vq",))
 
     def data_stats(self) -> dict[str, float]:
         return tasks.data_stats(self.config, self.workdir)

@@ -250,13 +250,19 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
     ckpt = checkpoints.Checkpointer(
         checkpoints.checkpoint_dir(stage.stage_dir), keep=tc.keep_checkpoints
     )
-    if ckpt.latest_step() is not None:
+    fresh = ckpt.latest_step() is None
+    if not fresh:
         state, step = ckpt.restore_newest_intact(abstract, _log)
         _log(f"[{stage.name}] resumed from checkpoint step {step}")
     else:
         state = stage.warm_start(state, mesh, axis_rules)
     start = int(state.step)
     num_steps = int(tc.num_steps)
+    if fresh and num_steps == 0:  # Nothing to train: keep the starting (warm) weights.
+        ckpt.save(0, state)
+        ckpt.close()
+        _log(f"[{stage.name}] num_steps=0: saved the starting weights as step 0")
+        return TrainResult(stage.name, 0, "completed", {}, time.time() - t_start)
     if start >= num_steps:
         _log(
             f"[{stage.name}] already trained to step {start} >= num_steps {num_steps}; nothing to do"
