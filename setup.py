@@ -71,6 +71,7 @@ setup(
             "muse-serve=muse_jax.serve:run",
             "muse-aot=muse_jax.aot:run_main",
             "muse-sweep=muse_jax.sweep:main",
+            "muse-convert=muse_jax.convert.__main__:run",
         ],
     },
 )

@@ -92,8 +92,11 @@ def decode(
         last = step == num_steps - 1
         n_mask = jnp.where(last, 0, jnp.clip(n_mask, jnp.minimum(1, n_unknown - 1), n_unknown - 1))
         n_mask = jnp.maximum(n_mask, 0)
-        ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
-        remask = ranks < n_mask[:, None]
+        # MaskGIT's (and diffusers') rule: re-mask what is strictly below the n_mask-th lowest
+        # confidence. Positions tied at the cut-off stay decoded (ties occur only without
+        # Gumbel noise, e.g. equal predictions of a fully masked grid).
+        cut_off = jnp.take_along_axis(jnp.sort(confidence, axis=-1), n_mask[:, None], axis=-1)
+        remask = confidence < cut_off
         new = jnp.where(remask, mask_id, sampled)
         history = history.at[step].set(jnp.sum(new == mask_id, axis=-1))
         return new, rng, history
