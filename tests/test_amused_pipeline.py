@@ -195,6 +195,19 @@ def test_from_pretrained_generates(amused):
     assert result.tokens.shape == (2, 64) and result.tokens.max() < 64
 
 
+def test_sample_binary_reads_the_converted_directory(amused, tmp_path):
+    _, _, out = amused
+    proc = subprocess.run(
+        [sys.executable, "-m", "muse_jax.sample", f"--model={out}", "--prompt=a red cube",
+         "--num_samples=2", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "sample_001.png").exists() and (tmp_path / "grid.png").exists()
+    record = json.loads((tmp_path / "samples.json").read_text())
+    assert record["stages"] == "base" and record["image_size"] == 32
+
+
 def test_bad_sources_are_one_line_and_write_nothing(amused, tmp_path):
     _, src, _ = amused
     # Not a diffusers directory.
