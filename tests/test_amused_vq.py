@@ -27,7 +27,7 @@ except ImportError:
     pass
 diffusers = pytest.importorskip("diffusers")
 
-from muse_jax.convert import diffusers_vq  # noqa: E402
+from muse_jax.convert import amused_configs, diffusers_vq  # noqa: E402
 from muse_jax.convert.tensors import ConversionError, read_safetensors  # noqa: E402
 from muse_jax.models import amused_vq  # noqa: E402
 
@@ -60,22 +60,7 @@ SMALL = dict(
     mid_block_add_attention=True,
     lookup_from_codebook=True,
 )
-# amused-256 / amused-512's vqvae (diffusers' scripts/convert_amused.py, make_vqvae).
-AMUSED = dict(
-    act_fn="silu",
-    block_out_channels=[128, 256, 256, 512, 768],
-    down_block_types=["DownEncoderBlock2D"] * 5,
-    in_channels=3,
-    latent_channels=64,
-    layers_per_block=2,
-    norm_num_groups=32,
-    num_vq_embeddings=8192,
-    out_channels=3,
-    sample_size=32,
-    up_block_types=["UpDecoderBlock2D"] * 5,
-    mid_block_add_attention=False,
-    lookup_from_codebook=True,
-)
+AMUSED = amused_configs.VQ
 # Config -> (image side, batch): images stay small so the real config runs in seconds.
 CASES = {"dummy": (DUMMY, 8, 2), "small": (SMALL, 16, 2), "amused": (AMUSED, 64, 1)}
 

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from diffusers import UVit2DModel  # noqa: E402
 from diffusers.models.modeling_utils import no_init_weights  # noqa: E402
 
-from muse_jax.convert import diffusers_uvit, tensors  # noqa: E402
+from muse_jax.convert import amused_configs, diffusers_uvit, tensors  # noqa: E402
 from muse_jax.convert.tensors import ConversionError  # noqa: E402
 from muse_jax.models import uvit  # noqa: E402
 
@@ -90,32 +90,7 @@ VARIANT = dict(
     ln_elementwise_affine=False,
     sample_size=6,
 )
-# amused/amused-256's transformer (diffusers scripts/convert_amused.py: the UVit2DModel
-# defaults, no down/upsampling, a 16x16 token grid).
-AMUSED_256 = dict(
-    hidden_size=1024,
-    use_bias=False,
-    hidden_dropout=0.0,
-    cond_embed_dim=768,
-    micro_cond_encode_dim=256,
-    micro_cond_embed_dim=1280,
-    encoder_hidden_size=768,
-    vocab_size=8256,
-    codebook_size=8192,
-    in_channels=768,
-    block_out_channels=768,
-    num_res_blocks=3,
-    downsample=False,
-    upsample=False,
-    block_num_heads=12,
-    num_hidden_layers=22,
-    num_attention_heads=16,
-    attention_dropout=0.0,
-    intermediate_size=2816,
-    layer_norm_eps=1e-06,
-    ln_elementwise_affine=True,
-    sample_size=16,
-)
+AMUSED_256 = amused_configs.TRANSFORMER_256
 VALID_AXES = {
     "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out",
     "codebook", "height", "width", "context_embed",
