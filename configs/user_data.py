@@ -19,6 +19,10 @@ differs. Nothing is downloaded: the first run builds TFDS shards from `source_di
       --config.data.mixture.web.source_dir=/data/cc3m --workdir=runs/mix
 
 `get_config("smoke")` (or "smoke,mixture") takes shapes_tiny's smoke sizes for tests.
+"maskgit" starts from MaskGIT's released tokenizer instead of training one:
+
+  python -m muse_jax.train --config=configs/user_data.py:maskgit --config.stage=tokenizer \
+      --config.tokenizer.init_from=maskgit:/weights/tokenizer_imagenet256_checkpoint ...
 """
 
 from __future__ import annotations
@@ -96,9 +100,11 @@ def _mixture() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = {a for a in arg.split(",") if a}
-    unknown = args - {"smoke", "mixture"}
+    unknown = args - {"smoke", "mixture", "maskgit"}
     if unknown:
-        raise ValueError(f"Unknown config arguments {sorted(unknown)}; valid: smoke, mixture.")
+        raise ValueError(
+            f"Unknown config arguments {sorted(unknown)}; valid: smoke, mixture, maskgit."
+        )
     config = shapes_tiny.get_config("smoke" if "smoke" in args else "")
     config.data = data_config("mixture" if "mixture" in args else "image_folder")
     if "mixture" in args:
@@ -111,4 +117,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # eval.fid.inception_weights at the weight files (README, "Evaluation").
     config.eval.metrics = ("clip", "fid")
     config.eval.captions = "dataset"
+    if "maskgit" in args:
+        _maskgit_tokenizer(config)
     return config
+
+
+def _maskgit_tokenizer(config) -> None:
+    """arg "maskgit": MaskGIT's released ImageNet VQGAN (f16, 1024 codes) as the tokenizer,
+    read from `tokenizer.init_from='maskgit:PATH'` (set PATH) instead of trained: 256x256
+    images, 16x16 tokens, base stage only."""
+    from muse_jax.convert import maskgit
+
+    config.tokenizer.model = ml_collections.ConfigDict(maskgit.model_block())
+    config.tokenizer.init_from = "maskgit:"
+    config.tokenizer.train.num_steps = 0
+    config.data.image_size = 256
+    config.data.hr_image_size = 0

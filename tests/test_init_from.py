@@ -73,3 +73,20 @@ def test_tokenizer_of_the_maskgit_block_decodes_what_it_encodes(smoke_config):
     x = jnp.zeros((1, 32, 32, 3))
     ids = model.apply({"params": params}, x, method=model.tokenize)
     assert ids.shape == (1, 256)
+
+
+def test_user_data_maskgit_argument_describes_the_released_tokenizer():
+    from configs import user_data
+
+    config = user_data.get_config("maskgit")
+    model = factory.tokenizer(config)
+    assert model.downsample_factor == 16 and model.codebook_size == 1024
+    assert factory.base_transformer(config).seq_len == 16 * 16
+    assert config.tokenizer.train.num_steps == 0
+
+
+def test_maskgit_without_a_path_is_one_clear_error(smoke_config, tmp_path):
+    config = _maskgit_config(smoke_config)
+    config.tokenizer.init_from = "maskgit:"
+    with pytest.raises(ValueError, match="names no checkpoint"):
+        trainer.train(config, str(tmp_path), "tokenizer")

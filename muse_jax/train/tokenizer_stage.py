@@ -100,6 +100,11 @@ class TokenizerStage(stage.Stage):
                     f"{self.name}.init_from={source!r} needs {self.name}.model.kind='maskgit'."
                 )
             path = source[len(MASKGIT_PREFIX) :]
+            if not path:
+                raise ValueError(
+                    f"{self.name}.init_from='maskgit:' names no checkpoint: "
+                    f"--config.{self.name}.init_from=maskgit:/path/to/tokenizer_checkpoint"
+                )
             loaded = maskgit.params_from_checkpoint(path, self.model)
             vq = jax.tree.map(
                 lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
