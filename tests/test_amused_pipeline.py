@@ -282,6 +282,15 @@ def test_the_converted_model_fine_tunes_on_an_image_folder(amused, tmp_path):
     losses = _scalars(os.path.join(workdir, "base"), "train/loss")
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < 0.92 * first, losses  # From about ln(64): the random model knows nothing.
+    # The fine-tuned model exports like any other (CLIP's tokenizer copied along) and samples.
+    from muse_jax.inference import export
+
+    exported = str(tmp_path / "exported")
+    export.export(model_lib.from_workdir(config, workdir, stages="base"), exported, source=workdir)
+    copied = sorted(os.listdir(tmp_path / "exported" / "clip_tokenizer"))
+    assert copied == sorted(os.listdir(os.path.join(out, "clip_tokenizer"))), copied
+    result = MusePipeline.from_pretrained(exported)(["a red square"], seed=0)
+    assert result.array.shape == (1, 32, 32, 3)
 
 
 def _scalars(directory: str, tag: str) -> dict[int, float]:
