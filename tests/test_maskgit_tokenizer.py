@@ -125,14 +125,16 @@ def test_every_parameter_has_logical_names(model):
             assert leaf.names == ("conv_out",), name
 
 
-def _one_line_error(path: str, model, *expected: str) -> str:
+def _conversion_error(path: str, model) -> str:
+    """The message of the ConversionError that reading `path` into `model` raises."""
     with pytest.raises(ConversionError) as info:
         maskgit.params_from_checkpoint(path, model)
-    message = str(info.value)
-    assert "\n" not in message
-    for part in (path, *expected):
-        assert part in message, message
-    return message
+    return str(info.value)
+
+
+def _names(message: str, path: str, *expected: str) -> bool:
+    """One line that names the file and every expected part."""
+    return "\n" not in message and all(part in message for part in (path, *expected))
 
 
 def _rewrite(tmp_path, edit) -> str:
@@ -151,19 +153,23 @@ def test_truncated_checkpoint(model, tmp_path):
     path = str(tmp_path / "truncated_checkpoint")
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    _one_line_error(path, model, "not a readable")
+    message = _conversion_error(path, model)
+    assert _names(message, path, "not a readable"), message
 
 
 def test_missing_tensor(model, tmp_path):
     path = _rewrite(tmp_path, lambda p: p["decoder"]["ResBlock_2"]["Conv_2"].pop("kernel"))
-    _one_line_error(path, model, "decoder/ResBlock_2/Conv_2/kernel", "missing")
+    message = _conversion_error(path, model)
+    assert _names(message, path, "decoder/ResBlock_2/Conv_2/kernel", "missing"), message
 
 
 def test_misshaped_tensor(model, tmp_path):
     def edit(params):
         params["quantizer"]["codebook"] = params["quantizer"]["codebook"][:, :8]
 
-    _one_line_error(_rewrite(tmp_path, edit), model, "quantizer/codebook", "(64, 8)")
+    path = _rewrite(tmp_path, edit)
+    message = _conversion_error(path, model)
+    assert _names(message, path, "quantizer/codebook", "(64, 8)"), message
 
 
 def test_checkpoint_of_another_model(model, tmp_path):
@@ -171,17 +177,22 @@ def test_checkpoint_of_another_model(model, tmp_path):
     full = maskgit_vqgan.build(maskgit.model_block())
     path = str(tmp_path / "copy")
     shutil.copy(CHECKPOINT, path)
-    _one_line_error(path, full, "tensor ")
+    message = _conversion_error(path, full)
+    assert _names(message, path, "tensor "), message
 
 
 def test_file_of_another_kind(model, tmp_path):
     npz = os.path.join(FIXTURE, "reference.npz")
-    _one_line_error(npz, model, "not a")
+    message = _conversion_error(npz, model)
+    assert _names(message, npz, "not a"), message
     path = str(tmp_path / "no_params")
     with open(path, "wb") as f:
         f.write(serialization.msgpack_serialize({"target": {"w": np.zeros(3)}}))
-    _one_line_error(path, model, "'params'")
-    _one_line_error(str(tmp_path / "absent"), model, "does not exist")
+    message = _conversion_error(path, model)
+    assert _names(message, path, "'params'"), message
+    absent = str(tmp_path / "absent")
+    message = _conversion_error(absent, model)
+    assert _names(message, absent, "does not exist"), message
 
 
 def test_build_checks_the_block():

@@ -2,8 +2,9 @@
 
     from muse_jax import MusePipeline
 
-    # A directory written by `python -m muse_jax.export` (local or gs://); nothing is downloaded.
-    pipe = MusePipeline.from_pretrained("models/shapes")  # or .from_workdir(config, workdir)
+    # model_dir: a directory written by `python -m muse_jax.export` or `muse_jax.convert`
+    # (local or gs://); nothing is downloaded.
+    pipe = MusePipeline.from_pretrained(model_dir)  # or .from_workdir(config, workdir)
     out = pipe(["a large red circle on the left"], guidance_scale=3.0, seed=0)
     out.images[0].save("circle.png")
 
