@@ -27,6 +27,7 @@ import ml_collections
 from muse_jax import storage
 from muse_jax.convert import diffusers_uvit, diffusers_vq
 from muse_jax.convert.tensors import ConversionError, read_safetensors
+from muse_jax.data.vocabulary import CLIP_PREFIX
 from muse_jax.inference import export, weights
 from muse_jax.inference import model as model_lib
 from muse_jax.models import amused_vq, uvit
@@ -90,7 +91,7 @@ def sampling_config(
                 image_size=image_size,
                 hr_image_size=0,
                 text_length=clip_tokenizer.MAX_LENGTH,
-                vocabulary=f"clip:{export.CLIP_TOKENIZER_DIR}",
+                vocabulary=CLIP_PREFIX + export.CLIP_TOKENIZER_DIR,
             ),
             tokenizer=dict(model=vq_block),
             base=dict(model=uvit_block, text_encoder=text_block, text_embeddings=""),

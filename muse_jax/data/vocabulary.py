@@ -48,6 +48,10 @@ def train_shapes_vocabulary(path: str) -> str:
     return path
 
 
+# `config.data.vocabulary='clip:<directory>'`: CLIP's BPE tokenizer files (see `text.conditioning`).
+CLIP_PREFIX = "clip:"
+
+
 def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabulary:
     """The vocabulary the config names: 'shapes' (trained here), a .model path, or 'byte'
     ('clip:<dir>' gives the data pipeline bytes: see `text.conditioning`).
@@ -66,7 +70,7 @@ def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabula
         return seqio.SentencePieceVocabulary(train_shapes_vocabulary(path))
     if name == "byte":
         return seqio.ByteVocabulary()
-    if name.startswith("clip:"):
+    if name.startswith(CLIP_PREFIX):
         # CLIP's BPE tokenizes captions on the host (`text.conditioning.TextConditioner`), which
         # replaces whatever ids the data pipeline made; bytes keep the pipeline's shape.
         return seqio.ByteVocabulary()

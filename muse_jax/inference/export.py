@@ -20,10 +20,11 @@ from typing import Any
 import ml_collections
 
 from muse_jax import storage
+from muse_jax.data.vocabulary import CLIP_PREFIX
 from muse_jax.inference import model as model_lib
 from muse_jax.inference import weights
 from muse_jax.text import clip_tokenizer
-from muse_jax.text.conditioning import CLIP_PREFIX, clip_tokenizer_dir
+from muse_jax.text.conditioning import clip_tokenizer_dir
 
 # The config keys sampling reads (see `muse_jax.models.factory` and the samplers).
 _KEYS = {

@@ -20,11 +20,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from muse_jax import checkpoints, parallel, storage
+from muse_jax.data.vocabulary import CLIP_PREFIX
 from muse_jax.inference import modules as modules_lib
 from muse_jax.inference import weights
 from muse_jax.sampling.sampler import CascadeSampler, MuseSampler, SuperResSampler
 from muse_jax.stages import has_cascade, stage_dir
-from muse_jax.text.conditioning import CLIP_PREFIX, TextConditioner
+from muse_jax.text.conditioning import TextConditioner
 
 
 class Reader(Protocol):

@@ -21,6 +21,7 @@ import numpy as np
 
 from muse_jax import storage
 from muse_jax.data import tasks, vocabulary
+from muse_jax.data.vocabulary import CLIP_PREFIX
 from muse_jax.text.clip_tokenizer import CLIPTokenizer
 from muse_jax.text.embeddings import EmbeddingTable
 
@@ -29,9 +30,6 @@ def clip_tokenizer_dir(config) -> str | None:
     """The directory of 'clip:<directory>' in `config.data.vocabulary`, else None."""
     name = config.data.get("vocabulary", "")
     return name[len(CLIP_PREFIX) :] if name.startswith(CLIP_PREFIX) else None
-
-
-CLIP_PREFIX = "clip:"
 
 
 def embeddings_dir(config) -> str:
