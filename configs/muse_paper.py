@@ -117,9 +117,9 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
 
     config.base.model.update(preset["base"])
     config.base.model.dtype = "bfloat16"
-    # What makes batch 512 fit a TPU slice (python -m muse_jax.aot; BENCHMARKS.md, "Compiled
-    # for TPU"): each block recomputes its activations in the backward pass, and one compiled
-    # layer body serves the whole stack.
+    # What makes batch 512 fit a TPU slice (python -m muse_jax.aot; BENCHMARKS.md, section
+    # "Compiled for TPU: what fits where"): each block recomputes its activations in the
+    # backward pass, and one compiled layer body serves the whole stack.
     config.base.model.update(dict(remat="full", scan_layers=True))
     config.base.text_encoder.update(
         dict(name="t5", preset="xxl", trainable=False, dtype="bfloat16")
@@ -162,8 +162,9 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
         )
     )
     config.superres.train = config.base.train.copy_and_resolve_references()
-    # 8 images per super-res pass: 32 at once need ~31 GiB of temporaries alone on one v4
-    # chip (logits over 8192 codes at 4096 positions, both guidance branches); BENCHMARKS.md.
+    # 8 images per super-res pass: 32 at once would not fit one v4 chip, most of their
+    # temporaries being the logits over 8192 codes at 4096 positions for both guidance
+    # branches (BENCHMARKS.md, section "Compiled for TPU: what fits where").
     config.superres.sampling.update(dict(num_steps=8, choice_temperature=4.5, micro_batch=8))
     # Decoder fine-tuning: the paper adds residual layers and channels but gives no numbers.
     config.decoder.model.update(dict(channels=0, extra_res_blocks=2))

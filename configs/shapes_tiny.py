@@ -86,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # compiled programs instead of compiling again. "auto": `<workdir>/compilation_cache`;
     # "": none; or a directory (local or gs://), e.g. one shared by several runs.
     config.compilation_cache = "auto"
+    # The models' hand-written CPU paths (muse_jax/models/kernels.py): "auto" takes them on CPU
+    # and plain XLA elsewhere; "xla" turns every one of them off.
+    config.kernels = "auto"
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -347,7 +350,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # reference one: a stage that reaches its budget stops there with a checkpoint (fewer steps,
     # a learning rate not yet decayed; rerunning resumes it). They sum to 12.7 min, leaving
     # the dataset build and the evaluation phase ~2 min even on a machine half as fast. On the
-    # reference 2-core machine every stage ends well inside its budget (README).
+    # reference 2-core machine every stage ends well inside its budget (BENCHMARKS.md, section
+    # "Embedded default, end to end (CPU)").
     config.tokenizer.train.time_budget_s = 170.0
     config.base.train.time_budget_s = 370.0
     config.superres_tokenizer.train.time_budget_s = 30.0

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from muse_jax import tpu
+from muse_jax.errors import UsageError
 
 TRAIN_PROGRAMS = ("tokenizer", "base", "superres_tokenizer", "superres", "decoder")
 TEXT_STAGES = ("base", "superres")
@@ -109,11 +110,11 @@ def mesh_shape(shape_cfg, num_chips: int, num_slices: int = 1) -> tuple[int, ...
     try:
         shape = parallel.mesh_shape(shape_cfg, num_chips)
     except ValueError as e:
-        raise ValueError(
+        raise UsageError(
             f"{e} Valid: data*fsdp*tensor = {num_chips} (one axis may be -1: the rest)."
         ) from None
     if shape[0] % num_slices:
-        raise ValueError(
+        raise UsageError(
             f"data={shape[0]} does not divide over {num_slices} slices: the data axis spans "
             "the slices; make it a multiple of num_slices."
         )
@@ -155,7 +156,7 @@ def check_batch(batch: int, shape: Sequence[int] | Any, what: str) -> None:
     sizes = tuple(shape.devices.shape) if hasattr(shape, "devices") else tuple(shape)
     data = sizes[0] * sizes[1]
     if batch < 1 or batch % data:
-        raise ValueError(
+        raise UsageError(
             f"{what} batch {batch} does not divide over the data axes data*fsdp={data}; "
             f"valid: multiples of {data}, e.g. {data * max(1, batch // data)}."
         )
@@ -407,7 +408,7 @@ def parse_list(text: str, valid: Sequence[str], what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in valid]
     if bad or not items:
-        raise ValueError(f"Unknown {what} {bad or text!r}; valid: {', '.join(valid)}.")
+        raise UsageError(f"Unknown {what} {bad or text!r}; valid: {', '.join(valid)}.")
     return items
 
 
@@ -422,7 +423,7 @@ def validate(
     """Every bad setting in one line, before libtpu or the first (slow) compile."""
     shape = mesh_shape(config.mesh.shape, topology.num_chips, topology.num_slices)
     if not 1 <= sampler_chips <= topology.num_chips:
-        raise ValueError(
+        raise UsageError(
             f"sampler_chips must be in [1, {topology.num_chips}] on {topology.name}, "
             f"got {sampler_chips}."
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 # TensorFlow only feeds data here: keep it off accelerators and quiet.
@@ -11,12 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from muse_jax import storage  # noqa: E402
+from muse_jax import entry, storage  # noqa: E402
+from muse_jax.errors import UsageError  # noqa: E402
 from muse_jax.storage import StorageError  # noqa: E402
-
-
-class UsageError(Exception):
-    """A user mistake (bad input file, empty prompt, missing checkpoint): one line, exit 2."""
 
 
 def define_stages_flag(
@@ -94,19 +92,33 @@ def _friendly_flag_errors(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+BUG_HINT = (
+    "muse_jax: this is not a usage error but an unexpected failure; please report it with the "
+    "command and the traceback above."
+)
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """`absl.app.run` with clear one-line errors for flag and user mistakes."""
+    """`absl.app.run` for a binary: first `entry.prepare_process()` (huge pages, XLA flags), then
+    `main`. A caller's mistake (`UsageError`, a missing or unreadable file, an unreachable
+    bucket, a config file that does not load) is one line and exit 2; anything else is a bug:
+    its traceback, a one-line hint to report it, exit 1."""
+    entry.prepare_process()
 
     def wrapped(argv):
         logging.set_verbosity(logging.ERROR)
         try:
             return main(argv)
-        except (UsageError, FileNotFoundError, ValueError, StorageError) as e:
+        except (UsageError, FileNotFoundError, StorageError) as e:
             sys.stderr.write(f"error: {e}\n")
             return 2
-        except OSError as e:  # config_flags defers a config file's load error to first use.
+        except OSError as e:  # An unreadable file; config_flags defers a config's load error too.
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             sys.stderr.write(f"error: {lines[0]} ({lines[-1]})\n" if lines else f"error: {e}\n")
             return 2
+        except Exception:
+            traceback.print_exc()
+            sys.stderr.write(BUG_HINT + "\n")
+            return 1
 
     app.run(wrapped, flags_parser=_friendly_flag_errors)

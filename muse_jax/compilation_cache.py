@@ -21,6 +21,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 AUTO = "auto"
 _SUBDIR = "compilation_cache"
@@ -39,7 +40,7 @@ def cache_dir(setting: str, workdir: str) -> str | None:
       when `setting` is "".
     """
     if not isinstance(setting, str):
-        raise ValueError(f"compilation_cache must be 'auto', '' or a directory, got {setting!r}.")
+        raise UsageError(f"compilation_cache must be 'auto', '' or a directory, got {setting!r}.")
     if not setting:
         return None
     directory = storage.join(workdir, _SUBDIR) if setting == AUTO else setting

@@ -105,7 +105,7 @@ def main(argv):
     if mode == "outpaint":
         editing.outpaint_canvas(np.asarray(image), editing.parse_pad(_PAD.value), size)
 
-    from muse_jax.eval import alignment_eval
+    from muse_jax.data import shapes_alignment
     from muse_jax.inference.pipeline import MusePipeline
 
     stages = "cascade" if cascade else "base"
@@ -154,7 +154,7 @@ def main(argv):
         storage.join(_OUT.value, "grid.png"),
     )
     n = _NUM.value
-    scores = alignment_eval.score_or_empty(out.array, [prompt] * n)
+    scores = shapes_alignment.score_or_empty(out.array, [prompt] * n)
     neg = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
     record = {
         "mode": mode,

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from muse_jax.errors import UsageError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
@@ -23,14 +25,14 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[int, ...]:
     sizes = [int(shape_cfg[a]) for a in MESH_AXES]
     unknown = [i for i, s in enumerate(sizes) if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise UsageError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = int(np.prod([s for s in sizes if s != -1]))
     if unknown:
         if num_devices % known:
-            raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes {known}.")
+            raise UsageError(f"{num_devices} devices do not divide by the fixed mesh axes {known}.")
         sizes[unknown[0]] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(
+        raise UsageError(
             f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
             f"{num_devices} are available."
         )

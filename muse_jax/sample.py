@@ -68,7 +68,7 @@ def main(argv):
     cli.check_reachable(_WORKDIR.value, _MODEL.value, _OUT.value)
     import numpy as np
 
-    from muse_jax.eval import alignment_eval
+    from muse_jax.data import shapes_alignment
     from muse_jax.inference.pipeline import MusePipeline
     from muse_jax.stages import has_cascade
 
@@ -103,7 +103,7 @@ def main(argv):
         print(f"[sample] {written}/{_NUM.value} images written", flush=True)
     images = np.concatenate(shown)
     _save_grid(images, storage.join(_OUT.value, "grid.png"))
-    scores = alignment_eval.score_or_empty(images, [prompt] * len(images))
+    scores = shapes_alignment.score_or_empty(images, [prompt] * len(images))
     record = {
         "prompt": prompt,
         "seed": _SEED.value,
@@ -118,7 +118,7 @@ def main(argv):
     if shown_low:
         low = np.concatenate(shown_low)
         _save_grid(low, storage.join(_OUT.value, "grid_base.png"))
-        record["base_alignment"] = alignment_eval.score_or_empty(low, [prompt] * len(low))
+        record["base_alignment"] = shapes_alignment.score_or_empty(low, [prompt] * len(low))
     storage.write_json(storage.join(_OUT.value, "samples.json"), record)
     size = images.shape[1]
     print(

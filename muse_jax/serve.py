@@ -44,6 +44,7 @@ from typing import Any
 from absl import flags
 
 from muse_jax import cli
+from muse_jax.errors import UsageError
 
 _MODEL = flags.DEFINE_string("model", None, "Exported model directory (muse_jax.export).")
 _HOST = flags.DEFINE_string(
@@ -217,7 +218,7 @@ def create_app(pipe, max_images: int = 16):
     from fastapi.responses import HTMLResponse, JSONResponse
 
     if max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}.")
+        raise UsageError(f"max_images must be >= 1, got {max_images}.")
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="muse")
     page = page_html(pipe, max_images)
     app = FastAPI(title="muse_jax", docs_url=None, redoc_url=None, openapi_url=None)

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import factory, t5
 from muse_jax.models.layers import get_dtype
 from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer
@@ -218,7 +219,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key.strip() not in out:
-            raise ValueError(f"Unknown mesh axis {key!r} in {text!r}; valid: {MESH_AXES}.")
+            raise UsageError(f"Unknown mesh axis {key!r} in {text!r}; valid: {MESH_AXES}.")
         out[key.strip()] = int(value)
     return out
 

@@ -1,13 +1,63 @@
-"""The stages of a Muse experiment in training order, and which of them a config enables.
+"""The registry of a Muse experiment's stages: the one list of them, in training order.
 
-Kept free of JAX/TF imports so that binaries can decide what to load (and reject bad input)
-before paying for those imports.
+A stage is one file (a `muse_jax.train.stage.Stage` subclass) and one config block named like
+it; `STAGES` is the only place that names it. The trainer, `muse_jax.pipeline`, `muse_jax.aot`,
+the benchmarks and the tests read the stages from here. Kept free of JAX/TF imports so that
+binaries can decide what to load (and reject bad input) before paying for those imports.
 """
 
 from __future__ import annotations
 
-BASE_STAGES = ("tokenizer", "base")
-SUPERRES_STAGES = ("superres_tokenizer", "superres", "decoder")
+import dataclasses
+from collections.abc import Sequence
+
+from muse_jax import storage
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """`name`: the stage's config block and checkpoint directory. `implementation`:
+    'module:Class' of its `Stage` subclass, imported on first use. `cascade`: one of the
+    super-res stages, trained only when the config has them."""
+
+    name: str
+    implementation: str
+    cascade: bool = False
+
+
+def check_unique(specs: Sequence[StageSpec]) -> tuple[StageSpec, ...]:
+    """`specs` as a tuple; a name listed twice is an error, not a silent overwrite."""
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"Stage {spec.name!r} is registered twice.")
+        seen.add(spec.name)
+    return tuple(specs)
+
+
+STAGES: tuple[StageSpec, ...] = check_unique(
+    (
+        StageSpec("tokenizer", "muse_jax.train.tokenizer_stage:TokenizerStage"),
+        StageSpec("base", "muse_jax.train.base_stage:BaseStage"),
+        StageSpec(
+            "superres_tokenizer",
+            "muse_jax.train.tokenizer_stage:SuperResTokenizerStage",
+            cascade=True,
+        ),
+        StageSpec("superres", "muse_jax.train.superres_stage:SuperResStage", cascade=True),
+        StageSpec("decoder", "muse_jax.train.decoder_stage:DecoderStage", cascade=True),
+    )
+)
+NAMES = tuple(s.name for s in STAGES)
+BASE_STAGES = tuple(s.name for s in STAGES if not s.cascade)
+SUPERRES_STAGES = tuple(s.name for s in STAGES if s.cascade)
+
+
+def spec(name: str) -> StageSpec:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ValueError(f"Unknown stage {name!r}; valid: {', '.join(NAMES)}.")
 
 
 def has_cascade(config) -> bool:
@@ -18,8 +68,6 @@ def has_cascade(config) -> bool:
 def stage_dir(config, workdir: str, name: str) -> str:
     """Where stage `name` of the experiment in `workdir` keeps its checkpoints and logs: the
     tokenizer may come from another experiment (`config.tokenizer_workdir`)."""
-    from muse_jax import storage
-
     root = (config.get("tokenizer_workdir") or workdir) if name == "tokenizer" else workdir
     return storage.join(root, name)
 

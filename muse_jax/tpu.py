@@ -15,6 +15,8 @@ import math
 import os
 import re
 
+from muse_jax.errors import UsageError
+
 GiB = 1024**3
 
 
@@ -107,29 +109,29 @@ def parse(name: str, num_slices: int = 1) -> Topology:
     a grid names the chips directly.
     """
     if num_slices < 1:
-        raise ValueError(f"num_slices must be >= 1, got {num_slices}.")
+        raise UsageError(f"num_slices must be >= 1, got {num_slices}.")
     text = name.strip().lower().replace("v5litepod", "v5e").replace("v5lite", "v5e")
     m = re.fullmatch(r"(v\d+[a-z]*)[-:](\S+)", text)
     chip = CHIPS.get(m.group(1)) if m else None
     if chip is None:
-        raise ValueError(f"Unknown TPU topology {name!r}; valid: {_names_hint()}.")
+        raise UsageError(f"Unknown TPU topology {name!r}; valid: {_names_hint()}.")
     size = m.group(2)
     grids = _GRIDS_3D if chip.torus_dims == 3 else _GRIDS_2D
     if re.fullmatch(r"\d+(x\d+)+", size):
         dims = size.split("x")
         if len(dims) != chip.torus_dims or any(int(d) < 1 for d in dims):
-            raise ValueError(
+            raise UsageError(
                 f"TPU {chip.name} grids have {chip.torus_dims} dimensions, got {size!r} in "
                 f"{name!r}; e.g. {chip.name}:{grids[4]}."
             )
         return Topology(chip, size, num_slices)
     if not size.isdigit():
-        raise ValueError(f"Unknown TPU topology {name!r}; valid: {_names_hint()}.")
+        raise UsageError(f"Unknown TPU topology {name!r}; valid: {_names_hint()}.")
     count = int(size)
     chips = count // 2 if chip.chip_config == "megacore" else count
     if chip.chip_config == "megacore" and count % 2 or chips not in grids:
         valid = sorted(c * (2 if chip.chip_config == "megacore" else 1) for c in grids)
-        raise ValueError(
+        raise UsageError(
             f"No {chip.name} slice of {count} "
             f"{'TensorCores' if chip.chip_config == 'megacore' else 'chips'} ({name!r}); "
             f"valid sizes: {', '.join(f'{chip.name}-{v}' for v in valid)}."

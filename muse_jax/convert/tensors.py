@@ -17,12 +17,9 @@ import numpy as np
 from flax import traverse_util
 
 from muse_jax import storage
+from muse_jax.errors import ConversionError  # noqa: F401 -- raised here, named by callers.
 
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class ConversionError(ValueError):
-    """A source file does not hold the tensors its config describes (one line for the user)."""
 
 
 def COPY(x: np.ndarray) -> np.ndarray:  # noqa: N802 -- a table constant, read as one.

@@ -20,6 +20,7 @@ import numpy as np
 
 from muse_jax import storage
 from muse_jax.data.records import RawRecord, read_or_none
+from muse_jax.errors import UsageError
 
 _SPLIT_PREFIX = {"train": "train", "test": "val"}
 
@@ -35,11 +36,11 @@ def image_dir(source_dir: str, split: str, year: str) -> str:
 def check_source(source_dir: str, year: str) -> None:
     """ValueError naming the first missing piece of the COCO layout."""
     if not storage.isdir(source_dir):
-        raise ValueError(f"COCO source directory {source_dir!r} does not exist.")
+        raise UsageError(f"COCO source directory {source_dir!r} does not exist.")
     for split in _SPLIT_PREFIX:
         for path in (annotation_file(source_dir, split, year), image_dir(source_dir, split, year)):
             if not storage.exists(path):
-                raise ValueError(f"COCO source directory {source_dir!r} has no {path!r}.")
+                raise UsageError(f"COCO source directory {source_dir!r} has no {path!r}.")
 
 
 def fingerprint(source_dir: str, year: str) -> list:
@@ -101,7 +102,7 @@ def sample_pairs(
         return out
     pairs = [CaptionPair(i, c) for i, caps in images for c in caps]
     if num > len(pairs):
-        raise ValueError(f"Asked for {num} caption pairs; the split has only {len(pairs)}.")
+        raise UsageError(f"Asked for {num} caption pairs; the split has only {len(pairs)}.")
     return [pairs[i] for i in rng.choice(len(pairs), size=num, replace=False)]
 
 

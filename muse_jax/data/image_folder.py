@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from muse_jax import storage
 from muse_jax.data.records import RawRecord, in_test_split, read_or_none
+from muse_jax.errors import UsageError
 
 _HEADER = ({"file", "filename", "file_name", "image", "path"}, {"caption", "text"})
 DEFAULT_NAMES = ("captions.csv", "captions.tsv")
@@ -30,16 +31,16 @@ def _isabs(path: str) -> bool:
 def captions_path(source_dir: str, captions_file: str = "") -> str:
     """The captions table to read; ValueError with the path when the folder or table is absent."""
     if not storage.isdir(source_dir):
-        raise ValueError(f"Image folder {source_dir!r} does not exist.")
+        raise UsageError(f"Image folder {source_dir!r} does not exist.")
     if captions_file:
         path = captions_file if _isabs(captions_file) else storage.join(source_dir, captions_file)
         if not storage.isfile(path):
-            raise ValueError(f"Captions file {path!r} does not exist.")
+            raise UsageError(f"Captions file {path!r} does not exist.")
         return path
     for name in DEFAULT_NAMES:
         if storage.isfile(storage.join(source_dir, name)):
             return storage.join(source_dir, name)
-    raise ValueError(
+    raise UsageError(
         f"Image folder {source_dir!r} has no {' or '.join(DEFAULT_NAMES)}; "
         "set config.data.captions_file."
     )
@@ -62,7 +63,7 @@ def read_table(path: str) -> dict[str, list[str]]:
                     continue
             table.setdefault(row[0].strip(), []).append(row[1] if len(row) > 1 else "")
     if not table:
-        raise ValueError(f"Captions file {path!r} lists no images.")
+        raise UsageError(f"Captions file {path!r} lists no images.")
     return table
 
 

@@ -34,6 +34,7 @@ from etils import epath
 
 from muse_jax import storage
 from muse_jax.data import coco, image_folder, img2dataset, records
+from muse_jax.errors import UsageError
 
 FORMATS = ("img2dataset", "coco", "image_folder")
 _LOGGED_BAD = 20  # Per split: the first bad records are logged by key, the rest only counted.
@@ -65,9 +66,9 @@ def source_params(
 ) -> dict:
     """Checked, normalised parameters; ValueError (naming the path) for a missing/empty source."""
     if source_format not in FORMATS:
-        raise ValueError(f"Unknown image-text format {source_format!r}; valid: {FORMATS}.")
+        raise UsageError(f"Unknown image-text format {source_format!r}; valid: {FORMATS}.")
     if not source_dir:
-        raise ValueError(f"config.data.source_dir is empty: where are the {source_format} files?")
+        raise UsageError(f"config.data.source_dir is empty: where are the {source_format} files?")
     # Local: absolute with ~ expanded, as before; gs://: kept as given (abspath would make it a
     # local ./gs:/ folder).
     source_dir = os.fspath(storage.path(source_dir))
@@ -193,7 +194,7 @@ class ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
         if not stats["kept"]:  # TFDS cannot store an empty split: say why, in one line.
             hint = " Raise config.data.test_fraction, or set it to 0." if split == "test" else ""
-            raise ValueError(
+            raise UsageError(
                 f"No usable {split!r} records in {cfg.source_dir!r} "
                 f"(skipped: {skipped or 'none found'}).{hint}"
             )

@@ -22,6 +22,7 @@ from typing import IO
 
 from muse_jax import storage
 from muse_jax.data.records import RawRecord, in_test_split, read_or_none
+from muse_jax.errors import UsageError
 
 LAYOUTS = ("webdataset", "files", "parquet")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -103,7 +104,7 @@ def detect_layout(source_dir: str, layout: str = "auto") -> str:
     """The layout of `source_dir` (checked when given); ValueError with the path when there is
     no img2dataset output there."""
     if not storage.isdir(source_dir):
-        raise ValueError(f"img2dataset source directory {source_dir!r} does not exist.")
+        raise UsageError(f"img2dataset source directory {source_dir!r} does not exist.")
     names = storage.listdir(source_dir)
     found = {
         "webdataset": any(n.endswith(".tar") for n in names),
@@ -116,14 +117,14 @@ def detect_layout(source_dir: str, layout: str = "auto") -> str:
     if layout == "auto":
         layout = next((k for k in LAYOUTS if found[k]), "")
         if not layout:
-            raise ValueError(
+            raise UsageError(
                 f"img2dataset source directory {source_dir!r} holds no shards (*.tar, NNNNN/ "
                 "folders, or *.parquet with an image column)."
             )
     elif layout not in LAYOUTS:
-        raise ValueError(f"Unknown img2dataset layout {layout!r}; valid: 'auto', {LAYOUTS}.")
+        raise UsageError(f"Unknown img2dataset layout {layout!r}; valid: 'auto', {LAYOUTS}.")
     elif not found[layout]:
-        raise ValueError(f"img2dataset source directory {source_dir!r} holds no {layout} shards.")
+        raise UsageError(f"img2dataset source directory {source_dir!r} holds no {layout} shards.")
     return layout
 
 

@@ -83,7 +83,8 @@ def mixture_choices(rates, seed: int, start: int, count: int, process_index: int
 
 def choices_before(rates, seed: int, start: int, process_index: int = 0) -> np.ndarray:
     """How many of the first `start` mixture draws went to each source: where each source's
-    own stream resumes (about 3 s per 10M draws)."""
+    own stream resumes. It replays every draw before `start`, so its cost grows linearly with
+    `start`."""
     counts = np.zeros(len(rates), np.int64)
     for b0 in range(0, start, 16 * _CHOICE_BLOCK):
         n = min(16 * _CHOICE_BLOCK, start - b0)

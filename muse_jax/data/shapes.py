@@ -1,7 +1,7 @@
 """Procedural "coloured shapes" world: scene sampling, captions and rendering.
 
 The world is small enough that every caption attribute (colour, shape, size,
-position, relation) can be verified from pixels (see `muse_jax.eval.alignment`),
+position, relation) can be verified from pixels (see `muse_jax.data.shapes_alignment`),
 which lets us measure text-image alignment and compositional generalisation
 (held-out colour-shape combinations) without a learned evaluator.
 
@@ -19,6 +19,8 @@ import re
 from collections.abc import Collection, Sequence
 
 import numpy as np
+
+from muse_jax.errors import UsageError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -121,7 +123,7 @@ def normalize_held_out(held_out: Collection[str]) -> frozenset[str]:
     norm = frozenset(" ".join(h.lower().split()) for h in held_out)
     bad = sorted(norm - valid)
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"Unknown held-out combination(s) {bad}; expected 'color shape' from {sorted(valid)}"
         )
     return norm
@@ -159,7 +161,7 @@ def _pair_layout(
         return (near, off_a), (far, off_b)
     if relation == "above":
         return (off_a, near), (off_b, far)
-    raise ValueError(f"Unknown relation {relation!r}; expected one of {RELATIONS}")
+    raise UsageError(f"Unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
 def sample_scene(
@@ -183,14 +185,14 @@ def sample_scene(
     held = normalize_held_out(held_out)
     combos = [c for c in all_combos() if not (exclude_held_out and c in held)]
     if not combos:
-        raise ValueError("Every colour-shape combination is held out")
+        raise UsageError("Every colour-shape combination is held out")
     if rng.random() < two_object_prob:
         relation = RELATIONS[rng.integers(len(RELATIONS))]
         first = combos[rng.integers(len(combos))]
         color_a, shape_a = first.split()
         rest = [c for c in combos if c.split()[0] != color_a]
         if not rest:
-            raise ValueError("Held-out set leaves no pair of differently coloured objects")
+            raise UsageError("Held-out set leaves no pair of differently coloured objects")
         color_b, shape_b = rest[rng.integers(len(rest))].split()
         (xa, ya), (xb, yb) = _pair_layout(rng, relation)
         objs = (
@@ -240,11 +242,11 @@ def parse_caption(text: str) -> ParsedCaption:
         )
     if m := _PAIR_RE.fullmatch(norm):
         if m["ca"] == m["cb"]:
-            raise ValueError(f"Two-object caption needs two different colours: {text!r}")
+            raise UsageError(f"Two-object caption needs two different colours: {text!r}")
         return ParsedCaption(
             colors=(m["ca"], m["cb"]), shapes=(m["sa"], m["sb"]), relation=m["rel"]
         )
-    raise ValueError(
+    raise UsageError(
         f"Caption {text!r} is outside the shapes grammar: expected "
         "'a {size} {color} {shape} {position}' or 'a {color} {shape} {left of|above} a {color} {shape}'"
     )
@@ -284,7 +286,7 @@ def object_mask(obj: ShapeObject, image_size: int) -> np.ndarray:
         # per unit of depth so base width == height == extent.
         depth = dy + half
         return (depth >= 0) & (dy <= half) & (np.abs(dx) <= depth / 2)
-    raise ValueError(f"Unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    raise UsageError(f"Unknown shape {obj.shape!r}; expected one of {SHAPES}")
 
 
 def render(scene: Scene, image_size: int) -> np.ndarray:

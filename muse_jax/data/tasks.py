@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from muse_jax import storage
 from muse_jax.data import image_text_tfds, ordering, preprocessing, shapes_tfds, vocabulary
+from muse_jax.errors import UsageError
 
 # tf.data must not grab the cores the JAX step runs on, nor the accelerator.
 tf.config.set_visible_devices([], "GPU")
@@ -111,19 +112,19 @@ def _source_specs(config) -> list[tuple[str, str, dict, float]]:
         return [(d.dataset, d.dataset, opts, 1.0)]
     mixture = d.get("mixture", None)
     if not mixture:
-        raise ValueError("config.data.dataset='mixture' needs entries in config.data.mixture.")
+        raise UsageError("config.data.dataset='mixture' needs entries in config.data.mixture.")
     specs = []
     for name in sorted(mixture.keys()):
         entry = mixture[name]
         fmt = entry.get("dataset", "")
         if fmt not in image_text_tfds.FORMATS:
-            raise ValueError(
+            raise UsageError(
                 f"config.data.mixture.{name}.dataset={fmt!r}; valid: {image_text_tfds.FORMATS}."
             )
         opts = {k: entry.get(k, d.get(k, v)) for k, v in _SOURCE_DEFAULTS.items()}
         rate = float(entry.get("rate", 1.0))
         if not rate > 0:
-            raise ValueError(f"config.data.mixture.{name}.rate must be > 0, got {rate}.")
+            raise UsageError(f"config.data.mixture.{name}.rate must be > 0, got {rate}.")
         specs.append((name, fmt, opts, rate))
     return specs
 
@@ -135,7 +136,7 @@ def _sources(config, data_root: str) -> list[Source]:
         return [Source("shapes", _built(lambda: _shapes_builder(config, data_root), _build_shapes))]
     valid = ["shapes", *image_text_tfds.FORMATS, "mixture"]
     if name not in valid:
-        raise ValueError(f"Unknown config.data.dataset {name!r}; valid: {valid}.")
+        raise UsageError(f"Unknown config.data.dataset {name!r}; valid: {valid}.")
     workers = int(config.data.get("build_workers", 2))
     out = []
     for src_name, fmt, opts, rate in _source_specs(config):
@@ -280,7 +281,7 @@ def _host_records(src: Source, split: str, output_features) -> tuple[tf.data.Dat
     import jax
 
     if split not in src.builder.info.splits:
-        raise ValueError(
+        raise UsageError(
             f"{src.name!r} has no {split!r} split (splits: {sorted(src.builder.info.splits)}); "
             "user data holds out 'test' only when config.data.test_fraction > 0."
         )
@@ -289,7 +290,7 @@ def _host_records(src: Source, split: str, output_features) -> tuple[tf.data.Dat
     per = total // procs  # Equal slices: every host yields the same number of batches.
     lo = jax.process_index() * per
     if per == 0:
-        raise ValueError(
+        raise UsageError(
             f"The {split!r} split of {src.name!r} has {total} examples: none for "
             f"{procs} process(es). For user data, config.data.test_fraction sets the 'test' share."
         )
@@ -300,7 +301,7 @@ def _host_records(src: Source, split: str, output_features) -> tuple[tf.data.Dat
     sizes = image_text_tfds.sizes(src.builder, split)[lo : lo + per]
     num = int(preprocessing.keep_size(sizes[:, 0], sizes[:, 1], *_filters(src)).sum())
     if num == 0:
-        raise ValueError(
+        raise UsageError(
             f"No {split!r} examples of {src.name!r} pass min_image_size={src.min_image_size} "
             f"and max_aspect_ratio={src.max_aspect_ratio}."
         )
@@ -351,12 +352,12 @@ def batches(
     import jax
 
     if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+        raise UsageError(f"start_step must be >= 0, got {start_step}.")
     sources, tasks, _ = _resolve(config, workdir)
     features = tasks[0].output_features
     num_processes, index = jax.process_count(), jax.process_index()
     if batch_size % num_processes:
-        raise ValueError(f"batch_size {batch_size} does not divide over {num_processes} processes.")
+        raise UsageError(f"batch_size {batch_size} does not divide over {num_processes} processes.")
     batch_size //= num_processes  # Each process yields its slice of the global batch.
     start = start_step * batch_size
     d = config.data
@@ -388,7 +389,7 @@ def batches(
     ds = ds.map(functools.partial(pad_text, length=d.text_length))
     missing = [k for k in images if k not in ds.element_spec]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"The dataset has no {missing} feature (has {sorted(ds.element_spec)}); "
             "'image_hr' needs config.data.hr_image_size > 0."
         )
@@ -450,7 +451,5 @@ def encode_prompts(config, workdir: str, prompts: list[str]) -> tuple[np.ndarray
 
     An empty string is the unconditional prompt (EOS only); longer prompts are cut with a warning.
     """
-    from muse_jax.text.conditioning import encode_ids
-
     vocab = vocabulary.get_vocabulary(config, data_dir(config, workdir))
-    return encode_ids(vocab, prompts, config.data.text_length)
+    return vocabulary.encode_ids(vocab, prompts, config.data.text_length)

@@ -7,6 +7,8 @@ unk 2) from captions it generates, so nothing is downloaded and every word is on
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -80,3 +82,19 @@ def get_vocabulary(config, data_dir: str, create: bool = True) -> seqio.Vocabula
             "SentencePiece .model file."
         )
     return seqio.SentencePieceVocabulary(name)
+
+
+def encode_ids(vocab, captions: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """T5 convention: ids + EOS, zero padding; captions longer than `length` are cut with a warning."""
+    ids = np.zeros((len(captions), length), np.int32)
+    mask = np.zeros((len(captions), length), np.int32)
+    for i, caption in enumerate(captions):
+        toks = list(vocab.encode(caption))
+        if len(toks) + 1 > length:
+            warnings.warn(
+                f"Caption cut to {length} tokens (text_length): {caption[:80]!r}", stacklevel=2
+            )
+        toks = toks[: length - 1] + [vocab.eos_id]
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = 1
+    return ids, mask

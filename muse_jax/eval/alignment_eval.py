@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from muse_jax.eval import alignment
+from muse_jax.data.shapes_alignment import score_or_empty
 
 
 @dataclasses.dataclass
@@ -47,13 +47,6 @@ def generate(
         lowres_images=low,
         lowres_scores=None if low is None else score_or_empty(low, out.captions),
     )
-
-
-def score_or_empty(images: np.ndarray, captions: list[str]) -> dict[str, float]:
-    try:
-        return alignment.score(images, captions)
-    except ValueError:  # Prompts outside the shapes grammar cannot be checked.
-        return {}
 
 
 def subset(generated: Generated, rows: slice) -> Generated:

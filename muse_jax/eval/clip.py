@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from muse_jax.errors import UsageError
 from muse_jax.text import clip_model
 from muse_jax.text.clip_tokenizer import CLIPTokenizer
 
@@ -48,7 +49,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """[H, W, C] -> [size, size, C] from offset ((H - size) // 2, (W - size) // 2)."""
     h, w = image.shape[:2]
     if h < size or w < size:
-        raise ValueError(f"Image {h}x{w} is smaller than the {size}px crop.")
+        raise UsageError(f"Image {h}x{w} is smaller than the {size}px crop.")
     top, left = (h - size) // 2, (w - size) // 2
     return image[top : top + size, left : left + size]
 
@@ -66,7 +67,7 @@ def preprocess(
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(
+        raise UsageError(
             f"Expected a uint8 [H, W, 3] RGB image, got {image.dtype} {image.shape}; quantise "
             "float images with np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) first."
         )
@@ -118,7 +119,7 @@ def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> ClipScore:
     b = np.asarray(text_embeds, np.float64)
     cos = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     if len(cos) == 0:
-        raise ValueError("CLIP score of zero pairs.")
+        raise UsageError("CLIP score of zero pairs.")
     clamped = float(np.mean(np.maximum(cos, 0.0)))
     return ClipScore(
         clip_score=100.0 * clamped,
@@ -181,7 +182,7 @@ class CLIPScorer:
     ):
         devices = jax.local_devices()
         if batch_size % len(devices):
-            raise ValueError(f"batch_size {batch_size} must divide over {len(devices)} devices.")
+            raise UsageError(f"batch_size {batch_size} must divide over {len(devices)} devices.")
         mesh = Mesh(np.asarray(devices), ("data",))
         self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
@@ -258,6 +259,6 @@ class CLIPScorer:
         text = self.text_embeddings(unique)
         image = self.image_embeddings(images, total=len(captions))
         if len(image) != len(captions):
-            raise ValueError(f"{len(image)} images but {len(captions)} captions.")
+            raise UsageError(f"{len(image)} images but {len(captions)} captions.")
         index = {c: i for i, c in enumerate(unique)}
         return clip_score(image, text[[index[c] for c in captions]])

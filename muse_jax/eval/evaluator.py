@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 from muse_jax.eval import metrics as metrics_lib
 
 Log = Callable[[str], None]
@@ -90,7 +91,7 @@ def chunks(config, workdir: str) -> Iterator[Chunk]:
             size = min(batch_size, int(ev.num_images))
             yield Chunk(ev.split, captions, 1, int(ev.seed) + k, size)
     else:
-        raise ValueError(f"config.eval.captions={source!r}; valid: {', '.join(CAPTION_SOURCES)}.")
+        raise UsageError(f"config.eval.captions={source!r}; valid: {', '.join(CAPTION_SOURCES)}.")
 
 
 def _generate(config, loaded, chunk: Chunk) -> metrics_lib.Batch:
@@ -165,7 +166,7 @@ class Evaluator:
         self.config, self.workdir, self.cascade, self.log = config, workdir, cascade, log
         self.directory = run_dir(workdir, cascade)
         if config.eval.captions not in CAPTION_SOURCES:
-            raise ValueError(
+            raise UsageError(
                 f"config.eval.captions={config.eval.captions!r}; valid: {', '.join(CAPTION_SOURCES)}."
             )
         setup = metrics_lib.Setup(config, workdir, "image_hr" if cascade else "image", log)

@@ -35,6 +35,7 @@ import numpy as np
 from scipy import linalg
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 from muse_jax.eval import inception
 
 Images = np.ndarray | Iterable[np.ndarray]
@@ -68,7 +69,7 @@ def statistics(features: np.ndarray) -> Statistics:
     """Mean and unbiased covariance ([N, D] -> Statistics), float64 like `np.cov` in pytorch-fid."""
     chex.assert_rank(features, 2)
     if features.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 images, got {features.shape[0]}.")
+        raise UsageError(f"FID needs at least 2 images, got {features.shape[0]}.")
     x = np.asarray(features, dtype=np.float64)
     return Statistics(x.mean(axis=0), np.cov(x, rowvar=False), x.shape[0])
 
@@ -76,7 +77,8 @@ def statistics(features: np.ndarray) -> Statistics:
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """Tr(sqrtm(S1 S2)) for symmetric PSD S1, S2, as the sum of the square roots of the
     eigenvalues of sqrt(S1) S2 sqrt(S1) (similar to S1 S2, but symmetric): two `eigh` calls,
-    ~30x faster than `scipy.linalg.sqrtm` at 2048 dimensions and never complex."""
+    much faster than `scipy.linalg.sqrtm` at 2048 dimensions and never complex (BENCHMARKS.md,
+    section "Evaluation metrics (random weights of the real shapes)")."""
     w, v = np.linalg.eigh(s1)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     eig = np.linalg.eigvalsh(root @ s2 @ root)
@@ -93,8 +95,8 @@ def frechet_distance(
     finite, `eps` is added to both diagonals and it is retried; sqrtm's tiny imaginary parts from
     round-off are dropped, unless the diagonal's exceed 1e-3. `method="eigh"` (the default)
     computes the same trace from a symmetric eigendecomposition (see `_trace_sqrt_product`):
-    equal to within 1e-3 on well-posed inputs (tests/test_fid.py) and seconds instead of a
-    minute at 2048 dimensions on a CPU.
+    equal to within 1e-3 on well-posed inputs (tests/test_fid.py) and much faster at 2048
+    dimensions on a CPU (see `_trace_sqrt_product`).
     """
     mu1, mu2 = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
     s1, s2 = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
@@ -122,14 +124,14 @@ def frechet_distance(
 def _check_images(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"Expected images [N, H, W, 3], got shape {x.shape}.")
+        raise UsageError(f"Expected images [N, H, W, 3], got shape {x.shape}.")
     if x.dtype == np.uint8:
         return x
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"Images must be uint8 or float in [0, 1], got {x.dtype}.")
+        raise UsageError(f"Images must be uint8 or float in [0, 1], got {x.dtype}.")
     lo, hi = float(x.min(initial=0)), float(x.max(initial=0))
     if lo < -1e-3 or hi > 1 + 1e-3:  # A [-1, 1] or [0, 255] float image would silently skew FID.
-        raise ValueError(f"Float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}].")
+        raise UsageError(f"Float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}].")
     return x.astype(np.float32)
 
 
@@ -174,7 +176,7 @@ class FeatureExtractor:
         log: Callable[[str], None] = lambda s: print(s, flush=True),
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}.")
         self.weights_path = weights if isinstance(weights, str) else None
         variables = inception.load_variables(weights) if isinstance(weights, str) else weights
         self.variables = jax.device_put(variables)
@@ -204,7 +206,7 @@ class FeatureExtractor:
         if pending is not None:
             out.append(np.asarray(pending[0])[: pending[1]])
         if not out:
-            raise ValueError("No images were given.")
+            raise UsageError("No images were given.")
         return np.concatenate(out)
 
 
@@ -237,7 +239,7 @@ def reference_statistics(
     if storage.exists(path):
         stats, stored = Statistics.load(path)
         if stored and stored != key:
-            raise ValueError(f"{path} holds statistics for {stored!r}, not {key!r}.")
+            raise UsageError(f"{path} holds statistics for {stored!r}, not {key!r}.")
         extractor.log(f"[fid] reference statistics from {path} ({stats.count} images)")
         return stats
     stats = statistics(extractor(images()))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -190,7 +191,7 @@ class InceptionE(nn.Module):
         elif self.pool == "max":
             pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
         else:
-            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}.")
+            raise UsageError(f"pool must be 'avg' or 'max', got {self.pool!r}.")
         bp = c(192, name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
@@ -200,7 +201,8 @@ def resize_bilinear(images: jax.Array, size: tuple[int, int]) -> jax.Array:
 
     torch samples at half-pixel centres with a 2-tap triangle kernel even when downsampling;
     `jax.image.resize` does the same only with antialias=False (and HIGHEST precision, so TPUs
-    keep the pixels in float32). Measured agreement with torch: ~1e-7.
+    keep the pixels in float32). `tests/test_fid.py::test_resize_matches_torch` checks it
+    against torch.
     """
     chex.assert_rank(images, 4)
     n, h, w, c = images.shape

@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 # Keys of config.data that do not change the pixels of the evaluation images, so they are left
 # out of the FID reference cache key (changing them reuses the cached statistics).
@@ -230,7 +231,7 @@ class Alignment(Metric):
             entry["captions"].extend(batch.captions)
 
     def result(self) -> dict[str, float]:
-        from muse_jax.eval import alignment
+        from muse_jax.data import shapes_alignment as alignment
 
         out = {}
         for group, entry in self._groups.items():
@@ -314,7 +315,7 @@ def reference_images(setup: Setup, split: str, count: int, batch_size: int) -> I
         yield images
         if seen == count:
             return
-    raise ValueError(
+    raise UsageError(
         f"config.eval.fid.num_reference={count} but split {split!r} of the dataset has only "
         f"{seen} images; lower it or pick another config.eval.fid.reference_split."
     )

@@ -18,7 +18,8 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     from clu import metric_writers
 
     from muse_jax.data import shapes
-    from muse_jax.eval import alignment, alignment_eval
+    from muse_jax.data import shapes_alignment as alignment
+    from muse_jax.eval import alignment_eval
     from muse_jax.inference import images as summaries
     from muse_jax.inference.pipeline import MusePipeline
 

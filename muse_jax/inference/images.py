@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from muse_jax.errors import UsageError
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8 [0, 255]."""
@@ -73,11 +75,11 @@ def fit_mask(mask: Image.Image, image_size: tuple[int, int], size: int) -> np.nd
     elif m.size == (size, size):
         arr = np.asarray(m)
     else:
-        raise ValueError(
+        raise UsageError(
             f"mask is {m.size[0]}x{m.size[1]} but the image is {image_size[0]}x{image_size[1]}: "
             f"give a mask of the image's size or the model's {size}x{size}."
         )
     out = arr >= 128
     if not out.any():
-        raise ValueError("the mask has no white pixels: nothing to re-generate.")
+        raise UsageError("the mask has no white pixels: nothing to re-generate.")
     return out

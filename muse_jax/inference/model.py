@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from muse_jax import checkpoints, parallel, storage
 from muse_jax.data.vocabulary import CLIP_PREFIX
+from muse_jax.errors import UsageError
 from muse_jax.inference import modules as modules_lib
 from muse_jax.inference import weights
 from muse_jax.sampling.sampler import CascadeSampler, MuseSampler, SuperResSampler
@@ -105,7 +106,7 @@ class Model:
         if not cascade:
             return self.base_sampler
         if self.cascade_sampler is None:
-            raise ValueError("This model has no super-res stages: use stages='base'.")
+            raise UsageError("This model has no super-res stages: use stages='base'.")
         return self.cascade_sampler
 
     def sampler_params(self, cascade: bool) -> dict[str, Any]:
@@ -230,11 +231,11 @@ def _frozen_text_encoder(config, mods, mesh, rules, abstract: bool = False) -> A
 def resolve_stages(config, stages: str | None) -> bool:
     """`stages` ('base' | 'cascade' | None: the cascade when the config has it) -> cascade?"""
     if stages not in (None, "base", "cascade"):
-        raise ValueError(f"stages must be 'base' or 'cascade', got {stages!r}.")
+        raise UsageError(f"stages must be 'base' or 'cascade', got {stages!r}.")
     if stages is None:
         return has_cascade(config)
     if stages == "cascade" and not has_cascade(config):
-        raise ValueError(
+        raise UsageError(
             "stages='cascade' needs config.superres and config.data.hr_image_size > 0."
         )
     return stages == "cascade"
@@ -262,7 +263,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
         )
     manifest = storage.read_json(path)
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}.")
+        raise UsageError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}.")
     return manifest
 
 
@@ -294,6 +295,6 @@ def from_exported(directory: str, *, stages: str | None = None) -> Model:
     config = exported_config(directory, manifest)
     cascade = resolve_stages(config, stages)
     if cascade and "superres" not in manifest["components"]:
-        raise ValueError(f"The model in {directory} has no super-res stages: use stages='base'.")
+        raise UsageError(f"The model in {directory} has no super-res stages: use stages='base'.")
     conditioner = TextConditioner(config, directory, create_vocab=False)
     return load(config, ExportedReader(directory, manifest), conditioner, cascade)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import factory
 from muse_jax.stages import has_cascade
 
@@ -91,7 +92,7 @@ def build(config, vocab_size: int | None, precomputed: bool, cascade: bool) -> M
     )
     if cascade:
         if not has_cascade(config):
-            raise ValueError("The cascade needs config.superres and config.data.hr_image_size > 0.")
+            raise UsageError("The cascade needs config.superres and config.data.hr_image_size > 0.")
         modules.superres_tokenizer = factory.superres_tokenizer(config)
         modules.superres = factory.superres_transformer(config)
         if "decoder" in config:
@@ -137,5 +138,5 @@ def param_tree(
         "decoder": lambda rng: {"decoder": init_vq(modules.finetuned_decoder, hr, rng)["decoder"]},
     }
     if component not in trees:
-        raise ValueError(f"Unknown component {component!r}; valid: {sorted(trees)}.")
+        raise UsageError(f"Unknown component {component!r}; valid: {sorted(trees)}.")
     return trees[component]

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from muse_jax.errors import UsageError
 from muse_jax.inference import images as images_lib
 from muse_jax.inference import model as model_lib
 from muse_jax.sampling import editing
@@ -76,9 +77,9 @@ class EditOutput:
 
 def check_prompt(prompt: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("Empty prompt: give a caption, e.g. 'a red circle'.")
+        raise UsageError("Empty prompt: give a caption, e.g. 'a red circle'.")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(
+        raise UsageError(
             f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted."
         )
     return prompt
@@ -86,7 +87,7 @@ def check_prompt(prompt: str) -> str:
 
 def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
     return int(seed)
 
 
@@ -107,7 +108,7 @@ class MusePipeline:
 
     def __init__(self, model: model_lib.Model, *, batch_size: int = 16, max_images: int = 1024):
         if batch_size < 1 or max_images < 1:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size and max_images must be >= 1, got {batch_size}, {max_images}."
             )
         self.model = model
@@ -159,9 +160,9 @@ class MusePipeline:
         if stages is None:
             return self.cascade
         if stages not in ("base", "cascade"):
-            raise ValueError(f"stages must be 'base' or 'cascade', got {stages!r}.")
+            raise UsageError(f"stages must be 'base' or 'cascade', got {stages!r}.")
         if stages == "cascade" and not self.cascade:
-            raise ValueError(
+            raise UsageError(
                 "This pipeline was loaded without the super-res stages: stages='base'."
             )
         return stages == "cascade"
@@ -199,7 +200,7 @@ class MusePipeline:
 
     def _encode(self, captions: list[str], negative: str | None, rows: int):
         if negative is not None and len(negative) > MAX_PROMPT_CHARS:
-            raise ValueError(
+            raise UsageError(
                 f"The negative prompt has {len(negative)} characters; at most "
                 f"{MAX_PROMPT_CHARS} are accepted."
             )
@@ -211,7 +212,7 @@ class MusePipeline:
 
     def _check_count(self, n: int) -> None:
         if n > self.max_images:
-            raise ValueError(
+            raise UsageError(
                 f"{n} images requested; this pipeline makes at most {self.max_images} per call "
                 "(max_images): split the request."
             )
@@ -234,11 +235,11 @@ class MusePipeline:
         """As `__call__`, one batch at a time (for writing results as they come)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
-            raise ValueError("No prompts given.")
+            raise UsageError("No prompts given.")
         for p in prompts:
             check_prompt(p)
         if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+            raise UsageError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         self._check_count(len(captions))
         cascade, settings, key = self._plan(
@@ -337,9 +338,9 @@ class MusePipeline:
     ) -> EditOutput:
         check_prompt(prompt)
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}.")
+            raise UsageError(f"num_images must be >= 1, got {num_images}.")
         if num_images > min(self.batch_size, self.max_images):
-            raise ValueError(
+            raise UsageError(
                 f"{num_images} edits requested; one edit call makes at most "
                 f"{min(self.batch_size, self.max_images)} (the pipeline's batch_size)."
             )

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import kernels
+
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715
 
@@ -22,13 +24,21 @@ def _tanh_term(x):
     return jnp.tanh(_C * (x + _A * (x**3)))
 
 
-@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
+    """`jax.nn.gelu(x, approximate=True)`; with the input-only backward where kernels are
+    hand-written (`kernels.hand_written()`), jax's own otherwise."""
+    if kernels.hand_written():
+        return _gelu(x)
+    return jax.nn.gelu(x, approximate=True)
+
+
+@jax.custom_vjp
+def _gelu(x: jax.Array) -> jax.Array:
     return x * (0.5 * (1.0 + _tanh_term(x)))
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    return _gelu(x), x
 
 
 def _gelu_bwd(x, g):
@@ -37,4 +47,4 @@ def _gelu_bwd(x, g):
     return (g * (0.5 * (1.0 + t) + 0.5 * x * dt),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import arg_reductions
 from muse_jax.models.layers import (
     Dtype,
@@ -72,22 +73,22 @@ def check_config(
     """Raises ValueError (one line) for a config outside what aMUSEd's VQ model uses."""
     levels = len(block_out_channels)
     if levels < 1:
-        raise ValueError("block_out_channels needs at least one level.")
+        raise UsageError("block_out_channels needs at least one level.")
     for name, types, want in (
         ("down_block_types", down_block_types, _DOWN_BLOCK),
         ("up_block_types", up_block_types, _UP_BLOCK),
     ):
         if types and (len(types) != levels or any(t != want for t in types)):
-            raise ValueError(
+            raise UsageError(
                 f"{name} {list(types)} is not supported: only {levels} x {want!r} "
                 "(one per block_out_channels entry)."
             )
     if act_fn not in _ACTIVATIONS:
-        raise ValueError(f"act_fn {act_fn!r} is not supported; valid: {_ACTIVATIONS}.")
+        raise UsageError(f"act_fn {act_fn!r} is not supported; valid: {_ACTIVATIONS}.")
     if norm_type != "group":
-        raise ValueError(f"norm_type {norm_type!r} is not supported; only 'group' (aMUSEd's).")
+        raise UsageError(f"norm_type {norm_type!r} is not supported; only 'group' (aMUSEd's).")
     if not lookup_from_codebook:
-        raise ValueError(
+        raise UsageError(
             "lookup_from_codebook=False is not supported: ids decode via the codebook."
         )
     for name, value in (
@@ -100,10 +101,10 @@ def check_config(
         ("vq_embed_dim", latent_channels if vq_embed_dim is None else vq_embed_dim),
     ):
         if int(value) <= 0:
-            raise ValueError(f"{name} is {value}; it must be positive.")
+            raise UsageError(f"{name} is {value}; it must be positive.")
     bad = [c for c in block_out_channels if c <= 0 or c % norm_num_groups]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"block_out_channels {list(block_out_channels)}: {bad[0]} is not a positive "
             f"multiple of norm_num_groups {norm_num_groups}."
         )
@@ -402,7 +403,7 @@ def build(m: Mapping[str, Any]) -> AmusedVQ:
     field names, `codebook_size` (= num_vq_embeddings) and `dtype`."""
     kind = m.get("kind", "amused_vq")
     if kind != "amused_vq":
-        raise ValueError(f"Model block kind {kind!r} is not 'amused_vq'.")
+        raise UsageError(f"Model block kind {kind!r} is not 'amused_vq'.")
     fields: dict[str, Any] = {}
     for name in _FIELDS:
         value = m.get(name, DIFFUSERS_DEFAULTS.get(name, ()))
@@ -412,7 +413,7 @@ def build(m: Mapping[str, Any]) -> AmusedVQ:
     fields["lookup_from_codebook"] = bool(m.get("lookup_from_codebook", True))
     size = m.get("codebook_size", fields["num_vq_embeddings"])
     if size != fields["num_vq_embeddings"]:
-        raise ValueError(
+        raise UsageError(
             f"codebook_size {size} differs from num_vq_embeddings {fields['num_vq_embeddings']}."
         )
     check_config(**fields)
@@ -422,7 +423,7 @@ def build(m: Mapping[str, Any]) -> AmusedVQ:
 def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The model block for a diffusers `VQModel` config.json dict (missing fields take
     diffusers' defaults); ConversionError (one line) for a config aMUSEd's VQ model is not."""
-    from muse_jax.convert.tensors import ConversionError
+    from muse_jax.errors import ConversionError
 
     name = cfg.get("_class_name", "VQModel")
     if name != "VQModel":

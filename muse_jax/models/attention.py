@@ -6,11 +6,13 @@ keeps the normalised probabilities plus several [B, N, T, S] temporaries. `heads
 heads before positions once, normalises the softmax after the value product (one pass fewer over
 the scores), turns the mask into an additive bias (a select in front of the row max blocks
 XLA's fusion) and has a hand-written backward that keeps the unnormalised probabilities and
-row sums (beside q, k, v and the output) instead of a normalised copy, and recomputes nothing. On the 2-core dev CPU at [32, 256, 4, 64] (`python benchmarks/attention.py`,
-BENCHMARKS.md): forward 2.4x, forward + backward 1.4-1.6x faster than
-`jax.nn.dot_product_attention` (5.6x and 1.6x without `muse_jax.host_memory`'s huge pages).
-Tried and dropped: materialising transposed probabilities so that the two backward dots that
-contract the query axis leave Eigen for YNNPACK (the copies cost more than they save).
+row sums (beside q, k, v and the output) instead of a normalised copy, and recomputes nothing.
+On XLA:CPU that makes both the forward and forward + backward faster than
+`jax.nn.dot_product_attention`, with or without `muse_jax.host_memory`'s huge pages
+(`python benchmarks/attention.py`; figures in BENCHMARKS.md, section "Sampler vs diffusers'
+aMUSEd", the paragraph on what moved the float32 loop). Tried and dropped: materialising
+transposed probabilities so that the two backward dots that contract the query axis leave Eigen
+for YNNPACK (the copies cost more than they save).
 
 `implementation="auto"` picks `heads_major` on CPU and `jax.nn.dot_product_attention` (XLA)
 elsewhere; "cudnn" asks jax for cuDNN's fused kernel on GPUs.
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax.errors import UsageError
 from muse_jax.models import kernels
 
 IMPLEMENTATIONS = ("auto", "heads_major", "xla", "cudnn")
@@ -43,7 +46,7 @@ _MASKED = -1e30
 
 def check_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation {name!r}; valid: {IMPLEMENTATIONS}.")
+        raise UsageError(f"Unknown attention implementation {name!r}; valid: {IMPLEMENTATIONS}.")
     return name
 
 
@@ -107,7 +110,7 @@ def dot_product_attention(
     """
     check_implementation(implementation)
     if implementation == "auto":
-        implementation = "heads_major" if kernels.on_cpu() else "xla"
+        implementation = "heads_major" if kernels.hand_written() else "xla"
     if implementation != "heads_major":
         return _in_query_blocks(q, k, v, mask, implementation, max_score_elements)
     bias = None

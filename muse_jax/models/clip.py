@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models.layers import Dtype, constrain, get_dtype, partitioned
 
 # Hugging Face's "legacy" eos_token_id: configs written before the real EOS id was recorded carry
@@ -121,7 +122,7 @@ PRESETS: dict[str, CLIPConfig] = {
 def get_config(name: str, **overrides: Any) -> CLIPConfig:
     """Returns preset `name` (e.g. "vit-l-14") with top-level fields replaced by `overrides`."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown CLIP preset {name!r}; valid: {sorted(PRESETS)}.")
+        raise UsageError(f"Unknown CLIP preset {name!r}; valid: {sorted(PRESETS)}.")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -177,7 +178,7 @@ class SelfAttention(nn.Module):
         cfg = self.config
         width, heads = cfg.hidden_size, cfg.num_attention_heads
         if width % heads:
-            raise ValueError(f"hidden_size {width} is not divisible by {heads} heads.")
+            raise UsageError(f"hidden_size {width} is not divisible by {heads} heads.")
         shape = (*x.shape[:2], heads, width // heads)
         q = _dense(width, ("embed", "joined_kv"), self.dtype, "q_proj")(x).reshape(shape)
         k = _dense(width, ("embed", "joined_kv"), self.dtype, "k_proj")(x).reshape(shape)
@@ -196,7 +197,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown hidden_act {cfg.hidden_act!r}; valid: {sorted(ACTIVATIONS)}."
             )
         h = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype, "fc1")(x)
@@ -291,7 +292,7 @@ class TextTransformer(nn.Module):
         cfg = self.config
         chex.assert_rank(ids, 2)
         if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(
+            raise UsageError(
                 f"{ids.shape[1]} tokens > max_position_embeddings {cfg.max_position_embeddings}."
             )
         ids = ids.astype(jnp.int32)
@@ -344,7 +345,7 @@ class CLIPTextEncoder(nn.Module):
         layers = self.config.num_hidden_layers
         keep = self.hidden_layer if self.hidden_layer >= 0 else layers + 1 + self.hidden_layer
         if not 0 <= keep <= layers:
-            raise ValueError(f"hidden_layer {self.hidden_layer} outside a {layers}-layer tower.")
+            raise UsageError(f"hidden_layer {self.hidden_layer} outside a {layers}-layer tower.")
         pooled, hidden = TextTransformer(self.config, self.dtype, name="text_model")(ids, keep)
         dense = _dense(self.projection_dim, ("embed", None), self.dtype, "text_projection", False)
         return {

@@ -5,8 +5,9 @@ into the canonical NHWC / HWIO form YNNPACK takes (the weight gradient becomes a
 with the channels as batch and the batch as features, over a window as large as the image).
 In the body of a loop (several train steps per call, `train.steps_per_call`) that rewrite does
 not happen and XLA:CPU runs its naive convolution instead: at the tokenizer's shapes (3x3,
-128 -> 128 channels, [32, 8, 8, 128]) the weight gradient took 306 ms in a `lax.scan` against
-2 ms outside, the input gradient 3.0 against 1.5 ms. Here both gradients are written as
+128 -> 128 channels, [32, 8, 8, 128]) the weight gradient is far slower in a `lax.scan` than
+outside one, and the input gradient slower too (figures in BENCHMARKS.md, section "Train steps,
+convolutions in loops: every stage at 10 steps per call"). Here both gradients are written as
 canonical convolutions on explicitly transposed operands, the form XLA reaches on its own
 outside loops (the compiled one-call train step is unchanged), so inside a scan they run in
 YNNPACK at their one-call speed (tests: a 3x3 and a 4x4 stride-2 layer on 8x8 maps, the
@@ -123,7 +124,7 @@ def conv_general_dilated(dtype: Any) -> Callable:
         precision: Any = None,
         preferred_element_type: Any = None,
     ) -> jax.Array:
-        if not kernels.on_cpu() or not _is_plain_nhwc(
+        if not kernels.hand_written() or not _is_plain_nhwc(
             lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
         ):
             return lax.conv_general_dilated(

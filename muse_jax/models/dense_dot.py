@@ -2,18 +2,18 @@
 
 jax differentiates y = x @ w into dW = x^T g, a dot that contracts the *major* axis of both
 operands ([M, K] and [M, N] over the M rows). XLA:CPU hands YNNPACK only dots that contract a
-minor axis, so it runs these in Eigen: 180-290 GFLOP/s at a train step's shapes on the 2-core dev
-CPU, against 400-450 for the same FLOPs as a plain [N, M] @ [M, K] dot. Here the weight gradient
-is (g^T x)^T: the cotangent is transposed into [N, M] first, and the small [N, K] product is
-transposed back. It transposes g rather than x because a layer's input is usually an elementwise
-expression (a LayerNorm or GELU output) that XLA fuses into the transposing copy, and its loop
-emitter runs a fused broadcast + transpose several times slower than a plain copy (60 vs 7 ms at
-[8192, 1024]); the cotangent is usually a dot's output, copied as it is. `optimization_barrier`s
-keep XLA's algebraic simplifier from folding either transpose back into the dot. The input
-gradient g w^T contracts the minor axis of both and stays as jax has it. Train steps, against
-transposing x (and jax's rule after a GELU), in an in-process A/B of the two compiled programs
-(BENCHMARKS.md, 2026-12-01): base stage of the embedded default 146 -> 131 ms, peer-size base
-1.64 -> 1.51 s.
+minor axis, so it runs these in Eigen, well below the rate it reaches on the same FLOPs as a
+plain [N, M] @ [M, K] dot. Here the weight gradient is (g^T x)^T: the cotangent is transposed
+into [N, M] first, and the small [N, K] product is transposed back. It transposes g rather than
+x because a layer's input is usually an elementwise expression (a LayerNorm or GELU output) that
+XLA fuses into the transposing copy, and its loop emitter runs a fused broadcast + transpose
+several times slower than a plain copy; the cotangent is usually a dot's output, copied as it
+is. `optimization_barrier`s keep XLA's algebraic simplifier from folding either transpose back
+into the dot. The input gradient g w^T contracts the minor axis of both and stays as jax has it.
+Train steps run faster this way than when transposing x (or with jax's rule after a GELU), at
+the embedded default's size and at the peer size; figures in BENCHMARKS.md, sections "Dense
+weight gradients through the transposed cotangent" and "Train steps with several steps per call
+and YNNPACK weight gradients".
 
 Only on CPU, where the batch and feature axes flatten into one [M, K] @ [K, N]; elsewhere (and
 for batched dots) it is `lax.dot_general`, which TPUs and GPUs run natively in any orientation.
@@ -84,7 +84,7 @@ def dot_general(dtype: Any, transposed_weight_grad: bool = True) -> Callable:
     ) -> jax.Array:
         if (
             not transposed_weight_grad
-            or not kernels.on_cpu()
+            or not kernels.hand_written()
             or not _is_dense(lhs, rhs, dimension_numbers)
         ):
             return lax.dot_general(

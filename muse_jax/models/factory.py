@@ -1,9 +1,15 @@
-"""Builds the Flax modules a config describes (one place, so stages and binaries agree)."""
+"""Builds the Flax modules a config describes (one place, so stages and binaries agree).
+
+Each builder also applies `config.kernels` (`models.kernels.configure`): the modules it returns
+trace with the CPU paths the config chose.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
 
+from muse_jax.errors import UsageError
+from muse_jax.models import kernels
 from muse_jax.models.layers import get_dtype
 from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer, TinyTextEncoder
 from muse_jax.models.vqgan import VQGAN
@@ -20,9 +26,9 @@ def vqgan(m, decoder=None) -> nn.Module:
     fine-tuning."""
     kind = m.get("kind", "vqgan")
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"Unknown tokenizer model kind {kind!r}; valid: {TOKENIZER_KINDS}.")
+        raise UsageError(f"Unknown tokenizer model kind {kind!r}; valid: {TOKENIZER_KINDS}.")
     if kind != "vqgan" and decoder is not None:
-        raise ValueError(f"Decoder fine-tuning needs a kind='vqgan' tokenizer, not {kind!r}.")
+        raise UsageError(f"Decoder fine-tuning needs a kind='vqgan' tokenizer, not {kind!r}.")
     if kind == "amused_vq":
         from muse_jax.models import amused_vq
 
@@ -48,22 +54,25 @@ def vqgan(m, decoder=None) -> nn.Module:
 
 
 def tokenizer(config) -> VQGAN:
+    kernels.configure(config)
     return vqgan(config.tokenizer.model)
 
 
 def superres_tokenizer(config) -> VQGAN:
+    kernels.configure(config)
     return vqgan(config.superres_tokenizer.model)
 
 
 def finetuned_decoder_vqgan(config) -> VQGAN:
     """The super-res tokenizer with the fine-tuned decoder's architecture (same encoder/codebook)."""
+    kernels.configure(config)
     return vqgan(config.superres_tokenizer.model, config.decoder.model)
 
 
 def _grid(model: VQGAN, size: int, what: str) -> int:
     f = model.downsample_factor
     if size <= 0 or size % f:
-        raise ValueError(f"{what} {size} is not a positive multiple of the tokenizer's factor {f}.")
+        raise UsageError(f"{what} {size} is not a positive multiple of the tokenizer's factor {f}.")
     return size // f
 
 
@@ -82,16 +91,17 @@ def superres_token_grid(config) -> int:
 def base_transformer(config) -> nn.Module:
     """The base stage's transformer by `config.base.model.kind`: this project's Muse
     transformer (default) or aMUSEd's U-ViT (`models.uvit_transformer`)."""
+    kernels.configure(config)
     m = config.base.model
     side = token_grid(config)
     kind = m.get("kind", "muse")
     if kind not in BASE_KINDS:
-        raise ValueError(f"Unknown config.base.model.kind {kind!r}; valid: {BASE_KINDS}.")
+        raise UsageError(f"Unknown config.base.model.kind {kind!r}; valid: {BASE_KINDS}.")
     if kind == "uvit":
         from muse_jax.models import uvit_transformer
 
         if config.base.text_encoder.name != "clip":
-            raise ValueError("config.base.model.kind='uvit' needs text_encoder.name='clip'.")
+            raise UsageError("config.base.model.kind='uvit' needs text_encoder.name='clip'.")
         return uvit_transformer.build(m, side * side, config.tokenizer.model.codebook_size)
     return MaskedTransformer(
         vocab_size=config.tokenizer.model.codebook_size,
@@ -109,6 +119,7 @@ def base_transformer(config) -> nn.Module:
 
 
 def superres_transformer(config) -> SuperResTransformer:
+    kernels.configure(config)
     m = config.superres.model
     low, high = token_grid(config), superres_token_grid(config)
     return SuperResTransformer(
@@ -148,6 +159,7 @@ def text_width(config) -> int:
 
 def text_encoder(config, vocab_size: int) -> nn.Module:
     """The text encoder behind the base model's one interface: (ids, mask) -> [B, S, D]."""
+    kernels.configure(config)
     t = config.base.text_encoder
     if t.name == "tiny":
         return TinyTextEncoder(
@@ -164,7 +176,7 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
 
         t5_config = t5.get_config(t.preset, dtype=t.get("dtype", "float32"))
         if vocab_size > t5_config.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"The vocabulary has {vocab_size} ids but T5 preset {t.preset!r} embeds only "
                 f"{t5_config.vocab_size}: use the SentencePiece model the checkpoint was trained with."
             )
@@ -173,4 +185,4 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
         from muse_jax.models import clip
 
         return clip.text_encoder(t, t.get("dtype", "float32"))
-    raise ValueError(f"Unknown config.base.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")
+    raise UsageError(f"Unknown config.base.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
+from muse_jax.errors import UsageError
 from muse_jax.models import activations, attention, conv_grad, dense_dot
 
 Dtype = Any
@@ -28,7 +29,7 @@ def get_dtype(name: str | Dtype) -> Dtype:
     if not isinstance(name, str):
         return name
     if name not in _DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(_DTYPES)}.")
+        raise UsageError(f"Unknown dtype {name!r}; valid: {sorted(_DTYPES)}.")
     return _DTYPES[name]
 
 
@@ -200,7 +201,7 @@ class Attention(nn.Module):
     def setup(self) -> None:
         attention.check_implementation(self.implementation)
         if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+            raise UsageError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
         head_dim = self.width // self.num_heads
         self.query = _HeadsProjection(self.num_heads, head_dim, self.dtype)
         self.key = _HeadsProjection(self.num_heads, head_dim, self.dtype)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import arg_reductions
 from muse_jax.models.layers import Dtype, constrain, conv_general_dilated, get_dtype, partitioned
 
@@ -163,7 +164,7 @@ def entropy_loss(affinity: jax.Array, loss_type: str, temperature: float) -> jax
         onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=flat.dtype)
         target = probs - jax.lax.stop_gradient(probs - onehot)
     else:
-        raise ValueError(f"Unknown entropy_loss_type {loss_type!r}; valid: 'softmax', 'argmax'.")
+        raise UsageError(f"Unknown entropy_loss_type {loss_type!r}; valid: 'softmax', 'argmax'.")
     avg_probs = jnp.mean(target, axis=0)
     avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-5))
     sample_entropy = -jnp.mean(jnp.sum(target * log_probs, axis=-1))
@@ -245,13 +246,13 @@ class MaskGITVQGAN(nn.Module):
 
     def setup(self) -> None:
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown activation {self.activation!r}; valid: {sorted(_ACTIVATIONS)}."
             )
         mults = tuple(self.channel_multipliers)
         bad = [self.filters * m for m in (1, *mults) if (self.filters * m) % _NORM_GROUPS]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"MaskGIT's GroupNorm splits channels into {_NORM_GROUPS} groups; filters "
                 f"{self.filters} x channel_multipliers {list(mults)} gives {bad[0]} channels."
             )
@@ -314,10 +315,10 @@ def build(m: Mapping[str, Any]) -> MaskGITVQGAN:
     fields take MaskGIT's released-tokenizer values (`MaskGITVQGAN`'s defaults)."""
     kind = m.get("kind", "maskgit")
     if kind != "maskgit":
-        raise ValueError(f"Model block kind {kind!r} is not 'maskgit'.")
+        raise UsageError(f"Model block kind {kind!r} is not 'maskgit'.")
     for name, valid in (("quantizer", "vq"), ("norm_type", "GN")):
         if m.get(name, valid) != valid:
-            raise ValueError(f"MaskGITVQGAN supports {name}={valid!r} only, not {m[name]!r}.")
+            raise UsageError(f"MaskGITVQGAN supports {name}={valid!r} only, not {m[name]!r}.")
     defaults = MaskGITVQGAN()
     fields: dict[str, Any] = {name: int(m.get(name, getattr(defaults, name))) for name in _INTS}
     fields.update({name: float(m.get(name, getattr(defaults, name))) for name in _FLOATS})

@@ -1,9 +1,10 @@
 """bfloat16 layers: bf16 operands, float32 accumulation, result cast back to bf16.
 
 What TPU MXUs and GPU tensor cores do anyway, and on an AVX512-BF16 CPU the only form XLA runs
-natively (~2x its float32 rate); a bf16 -> bf16 dot is lowered there as upcast + float32 dot +
-downcast, slower than float32 (benchmarks/xla_cpu_bf16_findings.md). One wrapper for the Dense
-layers' dot (`dense_dot`) and the convolutions (`conv_grad`).
+natively (faster than its float32 dots; matmul rates in BENCHMARKS.md, section "Sampler vs
+diffusers' aMUSEd"); a bf16 -> bf16 dot is lowered there as upcast + float32 dot + downcast,
+slower than float32 (benchmarks/xla_cpu_bf16_findings.md). One wrapper for the Dense layers' dot
+(`dense_dot`) and the convolutions (`conv_grad`).
 """
 
 from __future__ import annotations

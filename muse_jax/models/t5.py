@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax.errors import UsageError
 from muse_jax.models.layers import Dtype, constrain, dot_general, get_dtype, partitioned
 
 
@@ -71,7 +72,7 @@ PRESETS: dict[str, T5Config] = {
 def get_config(name: str, **overrides: Any) -> T5Config:
     """Returns preset `name` (e.g. "xxl") with fields replaced by `overrides`."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown T5 preset {name!r}; valid: {sorted(PRESETS)}.")
+        raise UsageError(f"Unknown T5 preset {name!r}; valid: {sorted(PRESETS)}.")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 

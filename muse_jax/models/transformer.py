@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import layers
 from muse_jax.models.layers import Dtype, constrain, partitioned
 
@@ -37,7 +38,7 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 
 def check_remat(name: str) -> str:
     if name not in REMAT_POLICIES:
-        raise ValueError(f"Unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}.")
+        raise UsageError(f"Unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}.")
     return name
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax.convert.tensors import ConversionError
+from muse_jax.errors import ConversionError, UsageError
 from muse_jax.models import attention as attention_lib
 from muse_jax.models import layers, precision
 from muse_jax.models.layers import Dtype, constrain, partitioned
@@ -621,9 +621,9 @@ class UVit2D(nn.Module):
         b, length = tokens.shape
         side = self.grid
         if length != side * side:
-            raise ValueError(f"{length} tokens do not fill the {side}x{side} grid.")
+            raise UsageError(f"{length} tokens do not fill the {side}x{side} grid.")
         if self.downsample and side % 2:
-            raise ValueError(f"Downsampling needs an even grid, not {side}x{side}.")
+            raise UsageError(f"Downsampling needs an even grid, not {side}x{side}.")
         x = self.embed(tokens.reshape(b, side, side))
         x = self.down_block(x, ctx["down"], deterministic)
         _, h, w, c = x.shape
@@ -730,13 +730,13 @@ def build(m: Mapping[str, Any], seq_len: int | None = None) -> UVit2D:
     `attention`, `grid_size`); `seq_len` (a square) overrides the token grid."""
     kind = m.get("kind", "uvit")
     if kind != "uvit":
-        raise ValueError(f"Model block kind {kind!r} is not 'uvit'.")
+        raise UsageError(f"Model block kind {kind!r} is not 'uvit'.")
     fields = {k: m.get(k, default) for k, default in DIFFUSERS_DEFAULTS.items()}
     grid = int(m.get("grid_size", 0) or 0)
     if seq_len is not None:
         grid = math.isqrt(seq_len)
         if grid * grid != seq_len:
-            raise ValueError(f"seq_len {seq_len} is not a square token grid.")
+            raise UsageError(f"seq_len {seq_len} is not a square token grid.")
         if grid == fields["sample_size"]:
             grid = 0
     return UVit2D(

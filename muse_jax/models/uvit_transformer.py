@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import uvit
 
 # aMUSEd's pipeline defaults at 256x256: width, height, crop (0, 0), aesthetic score 6.
@@ -60,7 +61,7 @@ def build(m, seq_len: int, codebook_size: int) -> UVitTransformer:
     against the tokenizer's `codebook_size`."""
     net = uvit.build(m, seq_len)
     if net.codebook_size != codebook_size:
-        raise ValueError(
+        raise UsageError(
             f"config.base.model.codebook_size {net.codebook_size} != the tokenizer's "
             f"{codebook_size} codes."
         )
@@ -71,7 +72,7 @@ def build(m, seq_len: int, codebook_size: int) -> UVitTransformer:
     }
     micro = tuple(float(v) for v in m.get("micro_conds", DEFAULT_MICRO_CONDS))
     if len(micro) != net.num_micro_conds:
-        raise ValueError(
+        raise UsageError(
             f"config.base.model.micro_conds has {len(micro)} values; the model reads "
             f"{net.num_micro_conds}."
         )

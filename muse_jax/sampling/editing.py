@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from muse_jax.errors import UsageError
+
 # ---------------------------------------------------------------------------------------------
 # Masks.
 # ---------------------------------------------------------------------------------------------
@@ -50,9 +52,9 @@ def token_mask(pixel_mask: np.ndarray, grid: int, dilation: int = 0) -> np.ndarr
     chex.assert_rank(m, 3)
     b, h, w = m.shape
     if h % grid or w % grid:
-        raise ValueError(f"Mask of {h}x{w} px does not tile a {grid}x{grid} token grid.")
+        raise UsageError(f"Mask of {h}x{w} px does not tile a {grid}x{grid} token grid.")
     if dilation < 0:
-        raise ValueError(f"dilation must be >= 0, got {dilation}.")
+        raise UsageError(f"dilation must be >= 0, got {dilation}.")
     t = m.reshape(b, grid, h // grid, grid, w // grid).any(axis=(2, 4))
     if dilation:
         t = ndimage.maximum_filter(t, size=(1, 2 * dilation + 1, 2 * dilation + 1), mode="constant")
@@ -89,7 +91,7 @@ def feather_alpha(pixel_mask: np.ndarray, feather: int) -> np.ndarray:
     """
     m = np.asarray(pixel_mask, bool)
     if feather < 0:
-        raise ValueError(f"feather must be >= 0, got {feather}.")
+        raise UsageError(f"feather must be >= 0, got {feather}.")
     if feather == 0:
         return m.astype(np.float32)
     lead = m.shape[:-2]
@@ -134,11 +136,11 @@ def parse_pad(spec: str) -> tuple[int, int, int, int]:
     try:
         vals = [int(v) for v in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--pad must be 'left,top,right,bottom' pixels, got {spec!r}.") from None
+        raise UsageError(f"--pad must be 'left,top,right,bottom' pixels, got {spec!r}.") from None
     if len(vals) == 1:
         vals *= 4
     if len(vals) != 4 or min(vals) < 0 or not any(vals):
-        raise ValueError(f"--pad must be 4 non-negative pixel counts, not all 0; got {spec!r}.")
+        raise UsageError(f"--pad must be 4 non-negative pixel counts, not all 0; got {spec!r}.")
     return vals[0], vals[1], vals[2], vals[3]
 
 
@@ -167,7 +169,7 @@ def outpaint_canvas(
     h, w = image.shape[:2]
     ch, cw = h + top + bottom, w + left + right
     if max(ch, cw) > MAX_OUTPAINT_GROWTH * max(h, w):
-        raise ValueError(
+        raise UsageError(
             f"padding {pad} makes a {cw}x{ch} canvas around a {w}x{h} image: at most "
             f"{MAX_OUTPAINT_GROWTH}x the image's longer side, so that the image keeps a "
             "visible size on the model's canvas."
@@ -230,7 +232,7 @@ class SamplerStage:
         from muse_jax.sampling.sampler import SuperResSampler
 
         if isinstance(self.sampler, SuperResSampler) != (lower is not None):
-            raise ValueError(
+            raise UsageError(
                 "A super-res stage needs the lower stage's tokens; the base stage takes none."
             )
         init = jnp.asarray(init_tokens, jnp.int32)
@@ -360,9 +362,9 @@ def maskfree_edit(
       `EditResult` with `changed_per_iteration`: [B] counts of tokens changed in each round.
     """
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+        raise UsageError(f"iterations must be >= 1, got {iterations}.")
     if not 0.0 < resample_fraction <= 1.0:
-        raise ValueError(f"resample_fraction must be in (0, 1], got {resample_fraction}.")
+        raise UsageError(f"resample_fraction must be in (0, 1], got {resample_fraction}.")
     base = stages[0]
     base_images = resize(images, base.image_size)
     ids = base.tokenize(base_images)

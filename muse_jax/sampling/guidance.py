@@ -11,6 +11,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
+
 _SCHEDULES = ("constant", "linear")
 
 
@@ -20,7 +22,7 @@ def scale_at(scale: float, schedule: str, step: jax.Array, num_steps: int) -> ja
         return jnp.asarray(scale, jnp.float32)
     if schedule == "linear":
         return scale * step / max(num_steps - 1, 1)
-    raise ValueError(f"Unknown guidance schedule {schedule!r}; valid: {list(_SCHEDULES)}.")
+    raise UsageError(f"Unknown guidance schedule {schedule!r}; valid: {list(_SCHEDULES)}.")
 
 
 def guided(

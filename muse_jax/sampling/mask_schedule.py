@@ -12,6 +12,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 _SCHEDULES: dict[str, Schedule] = {
@@ -25,7 +27,7 @@ _SCHEDULES: dict[str, Schedule] = {
 def get(name: str) -> Schedule:
     """Returns the schedule `name`; unknown names fail with the valid choices."""
     if name not in _SCHEDULES:
-        raise ValueError(f"Unknown mask schedule {name!r}; valid: {sorted(_SCHEDULES)}.")
+        raise UsageError(f"Unknown mask schedule {name!r}; valid: {sorted(_SCHEDULES)}.")
     return _SCHEDULES[name]
 
 

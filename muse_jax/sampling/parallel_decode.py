@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from muse_jax.errors import UsageError
 from muse_jax.models import arg_reductions
 from muse_jax.sampling import categorical, mask_schedule
 
@@ -60,7 +61,7 @@ def decode(
     """
     chex.assert_rank(tokens, 2)
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        raise UsageError(f"num_steps must be >= 1, got {num_steps}.")
     gamma = mask_schedule.get(schedule)
     t_final = temperature if temperature_final is None else temperature_final
     unknown0 = jnp.sum(tokens == mask_id, axis=-1)  # [B]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax.errors import UsageError
 from muse_jax.sampling import guidance, parallel_decode
 
 
@@ -65,14 +66,14 @@ class Settings:
             raise TypeError(f"Unknown sampling settings {sorted(unknown)}; valid: {_SETTING_KEYS}.")
         steps = int(values["num_steps"])
         if steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {steps}.")
+            raise UsageError(f"num_steps must be >= 1, got {steps}.")
         temperature = float(values["temperature"])
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: argmax), got {temperature}.")
+            raise UsageError(f"temperature must be >= 0 (0: argmax), got {temperature}.")
         final = values.get("temperature_final")
         scale = float(values["guidance_scale"])
         if scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0: no guidance), got {scale}.")
+            raise UsageError(f"guidance_scale must be >= 0 (0: no guidance), got {scale}.")
         return cls(
             guidance_scale=np.float32(scale),
             temperature=np.float32(temperature),
@@ -226,7 +227,7 @@ class SuperResSampler(MuseSampler):
 
     def _context(self, tp, ctx, ctx_mask, lowres):
         if lowres is None:
-            raise ValueError("The super-res sampler needs lowres_tokens (the base stage's output).")
+            raise UsageError("The super-res sampler needs lowres_tokens (the base stage's output).")
         tr = self.transformer
         return tr.apply(tp, ctx, ctx_mask, lowres, method=tr.encode_context)
 

@@ -23,6 +23,7 @@ from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -45,7 +46,7 @@ def _from_vocab_and_merges(vocab_file: str, merges_file: str) -> tokenizers.Toke
     merges = [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
     for token in (BOS, EOS):
         if token not in vocab:
-            raise ValueError(f"{vocab_file}: special token {token!r} is missing.")
+            raise UsageError(f"{vocab_file}: special token {token!r} is missing.")
     tok = tokenizers.Tokenizer(
         BPE(
             vocab=vocab,
@@ -99,10 +100,10 @@ class CLIPTokenizer:
         self.bos_id = tokenizer.token_to_id(BOS)
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"The tokenizer has no {BOS!r} / {EOS!r} token; is it CLIP's?")
+            raise UsageError(f"The tokenizer has no {BOS!r} / {EOS!r} token; is it CLIP's?")
         self.pad_id = tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
-            raise ValueError(f"The tokenizer's pad token {pad_token!r} is not in its vocabulary.")
+            raise UsageError(f"The tokenizer's pad token {pad_token!r} is not in its vocabulary.")
         tokenizer.enable_truncation(max_length)
         tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)
         self._tokenizer = tokenizer

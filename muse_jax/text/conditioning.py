@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from muse_jax import storage
 from muse_jax.data import tasks, vocabulary
-from muse_jax.data.vocabulary import CLIP_PREFIX
+from muse_jax.data.vocabulary import CLIP_PREFIX, encode_ids
 from muse_jax.text.clip_tokenizer import CLIPTokenizer
 from muse_jax.text.embeddings import EmbeddingTable
 
@@ -141,19 +140,3 @@ class ShapeConditioner:
 
         width = factory.text_width(self.config)
         return {"text_emb": np.zeros((n, length, width), np.float32), "text_mask": mask}
-
-
-def encode_ids(vocab, captions: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """T5 convention: ids + EOS, zero padding; captions longer than `length` are cut with a warning."""
-    ids = np.zeros((len(captions), length), np.int32)
-    mask = np.zeros((len(captions), length), np.int32)
-    for i, caption in enumerate(captions):
-        toks = list(vocab.encode(caption))
-        if len(toks) + 1 > length:
-            warnings.warn(
-                f"Caption cut to {length} tokens (text_length): {caption[:80]!r}", stacklevel=2
-            )
-        toks = toks[: length - 1] + [vocab.eos_id]
-        ids[i, : len(toks)] = toks
-        mask[i, : len(toks)] = 1
-    return ids, mask

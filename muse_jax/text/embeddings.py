@@ -36,13 +36,15 @@ import numpy as np
 import tensorstore as ts
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 FORMAT = 2
 INDEX_BLOCK = 1024  # Index entries per block: the unit a lookup reads (16 KiB).
 INDEX_SHARD_BLOCKS = 256  # Index blocks per shard file (4 MiB).
 CAPTION_BLOCK = 4096  # Captions per captions/*.json file.
 # tensorstore's cache per table (shard indexes, recent rows). Small: random rows are rarely
-# re-read, and a larger pool mostly adds allocator overhead (BENCHMARKS.md, 2026-12-03).
+# re-read, and a larger pool mostly adds allocator overhead (BENCHMARKS.md, section
+# "Precomputed text embeddings: host memory of the table").
 _CACHE_BYTES = 8 << 20
 META = "table.json"
 _EMBED = "`python -m muse_jax.embed --config=... --output_dir={d} --prompts_file=FILE`"
@@ -144,7 +146,7 @@ def read_meta(directory: str) -> dict:
     path = storage.join(directory, META)
     meta = storage.read_json(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise UsageError(
             f"{directory} holds a text-embedding table of another format ({meta.get('format', 1)}, "
             f"this code reads {FORMAT}): re-run `python -m muse_jax.embed` into a new --output_dir."
         )
@@ -267,7 +269,7 @@ class EmbeddingTable:
         self.directory = os.fspath(storage.path(directory))
         self.meta = read_meta(self.directory)
         if self.meta["hash"] != hash_name(hash_fn):
-            raise ValueError(
+            raise UsageError(
                 f"{self.directory} is keyed by {self.meta['hash']}, not {hash_name(hash_fn)}."
             )
         if not self.meta["rows"]:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 
 def is_safetensors_dir(path: str) -> bool:
@@ -30,7 +31,7 @@ def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
         raise FileNotFoundError(f"Text encoder checkpoint {path} does not exist.")
     if is_safetensors_dir(path):
         if storage.is_remote(path):
-            raise ValueError(
+            raise UsageError(
                 f"Text encoder checkpoint {path}: safetensors are memory-mapped, so they must be "
                 "on local disk (copy the directory to each host); T5X checkpoints are read from "
                 "gs:// directly."
@@ -44,7 +45,7 @@ def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
         params = t5x_checkpoint.load_t5x_encoder(path, expected_shapes=expected_shapes)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if jax.tree.structure(got) != jax.tree.structure(expected_shapes) or got != expected_shapes:
-        raise ValueError(
+        raise UsageError(
             f"Text encoder weights in {path} do not match config.base.text_encoder.preset."
         )
     return params

@@ -26,6 +26,7 @@ import numpy as np
 import tensorstore as ts
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 from muse_jax.text import embeddings as tables
 from muse_jax.text.embeddings import HashFn, caption_hash
 
@@ -67,7 +68,7 @@ class TableWriter:
         hash_fn: HashFn = caption_hash,
     ):
         if dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}.")
+            raise UsageError(f"dtype must be bfloat16 or float32, got {dtype!r}.")
         self.directory = os.fspath(storage.path(directory))
         self.index_every = index_every
         self.index_block = index_block
@@ -84,7 +85,7 @@ class TableWriter:
             self.meta = tables.read_meta(self.directory)
             for key, value in wanted.items():
                 if self.meta[key] != value:
-                    raise ValueError(
+                    raise UsageError(
                         f"The table in {self.directory} has {key}={self.meta[key]!r}, this run "
                         f"{value!r}: write into a new --output_dir."
                     )
@@ -186,17 +187,17 @@ class TableWriter:
         captions = list(captions)
         n, length = len(captions), self.meta["text_length"]
         if emb.ndim != 3 or emb.shape[:2] != (n, length) or mask.shape != (n, length):
-            raise ValueError(
+            raise UsageError(
                 f"append: {n} captions need emb [{n}, {length}, D] and mask [{n}, {length}], "
                 f"got {emb.shape} and {mask.shape}."
             )
         if not n:
             return
         if self.meta["dim"] not in (None, emb.shape[-1]):
-            raise ValueError(f"append: width {emb.shape[-1]}, the table's is {self.meta['dim']}.")
+            raise UsageError(f"append: width {emb.shape[-1]}, the table's is {self.meta['dim']}.")
         keys = tables.caption_keys(captions, self._hash_fn)
         if len(np.unique(keys)) < n:
-            raise ValueError("append: a caption (or key) twice in one chunk; use `missing`.")
+            raise UsageError("append: a caption (or key) twice in one chunk; use `missing`.")
         pos = np.minimum(np.searchsorted(self._vouched, keys), max(len(self._vouched) - 1, 0))
         vouched = np.zeros(n, bool)
         if len(self._vouched):
@@ -205,7 +206,7 @@ class TableWriter:
         self._check_known(captions, keys, rows)
         if (rows >= 0).any():
             c = captions[int(np.flatnonzero(rows >= 0)[0])]
-            raise ValueError(f"append: {c!r} is already in the table; use `missing`.")
+            raise UsageError(f"append: {c!r} is already in the table; use `missing`.")
         self._vouched_used[pos[vouched]] = True
         if self._emb is None:
             self._create_arrays(emb.shape[-1])
@@ -345,14 +346,15 @@ def embed(
     import jax.numpy as jnp
 
     from muse_jax import parallel
+    from muse_jax.data.vocabulary import encode_ids
     from muse_jax.models import factory
     from muse_jax.text import loading
-    from muse_jax.text.conditioning import TextConditioner, encode_ids
+    from muse_jax.text.conditioning import TextConditioner
 
     stage_config = config.copy_and_resolve_references()
     stage_config.base.text_embeddings = ""  # Build the in-graph encoder of this config.
     if stage_config.base.text_encoder.trainable:
-        raise ValueError(
+        raise UsageError(
             "config.base.text_encoder is trainable; precomputing needs a frozen encoder "
             "(e.g. --config.base.text_encoder.name=t5 --config.base.text_encoder.trainable=False)."
         )

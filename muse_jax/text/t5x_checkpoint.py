@@ -40,6 +40,7 @@ from etils import epath
 from flax import serialization
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 Path = epath.Path
 
@@ -97,7 +98,7 @@ def load_t5x_encoder(
     if expected_shapes is not None:
         _check_shapes(flat, expected_shapes, step_dir)
     elif not any(k[0] == "encoder" for k in flat):
-        raise ValueError(f"T5X checkpoint {step_dir} has no 'target/encoder' parameters")
+        raise UsageError(f"T5X checkpoint {step_dir} has no 'target/encoder' parameters")
     return _unflatten(flat)
 
 
@@ -153,7 +154,7 @@ def _target_prefix(tree: Mapping[str, Any], where: Path) -> tuple[str, ...]:
             node = node.get(key) if isinstance(node, Mapping) else None
         if isinstance(node, Mapping) and isinstance(node.get("target"), Mapping):
             return (*prefix, "target")
-    raise ValueError(f"T5X checkpoint {where} has no 'target' parameter subtree")
+    raise UsageError(f"T5X checkpoint {where} has no 'target' parameter subtree")
 
 
 def _subtree(tree: Mapping[str, Any], prefix: tuple[str, ...]) -> Mapping[str, Any]:
@@ -182,13 +183,13 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[st
 def _read_legacy(step_dir: Path) -> Flat:
     raw = (step_dir / _CHECKPOINT_FILE).read_bytes()
     if raw.startswith(b"model_checkpoint_path"):
-        raise ValueError(f"{step_dir} is a TensorFlow (Mesh TF) checkpoint, not a T5X one")
+        raise UsageError(f"{step_dir} is a TensorFlow (Mesh TF) checkpoint, not a T5X one")
     try:
         contents = serialization.msgpack_restore(raw)
     except Exception as e:  # msgpack raises several unrelated types on garbage.
-        raise ValueError(f"cannot parse {step_dir / _CHECKPOINT_FILE} as T5X msgpack: {e}") from e
+        raise UsageError(f"cannot parse {step_dir / _CHECKPOINT_FILE} as T5X msgpack: {e}") from e
     if not isinstance(contents, Mapping):
-        raise ValueError(f"{step_dir / _CHECKPOINT_FILE} does not hold a T5X state dict")
+        raise UsageError(f"{step_dir / _CHECKPOINT_FILE} does not hold a T5X state dict")
     target = _subtree(contents, _target_prefix(contents, step_dir))
     leaves = {
         key: value
@@ -206,7 +207,7 @@ def _read_legacy(step_dir: Path) -> Flat:
         if key in reads:
             out[key] = np.asarray(reads[key].result())
         elif isinstance(value, str):
-            raise ValueError(f"unexpected string leaf for {_name(key)} in {step_dir}: {value!r}")
+            raise UsageError(f"unexpected string leaf for {_name(key)} in {step_dir}: {value!r}")
         else:
             out[key] = np.asarray(value)
     return out
@@ -225,7 +226,7 @@ def _open_array(value: Any, step_dir: Path, key: tuple[str, ...]) -> ts.Future:
     spec = copy.deepcopy(dict(value))
     kvstore = dict(spec.get("kvstore") or {})
     if kvstore.get("driver", "file") not in _LOCAL_KVSTORE_DRIVERS:
-        raise ValueError(f"unsupported TensorStore kvstore {kvstore!r} for {_name(key)}")
+        raise UsageError(f"unsupported TensorStore kvstore {kvstore!r} for {_name(key)}")
     # tensorstore<0.1.14 specs kept the path at top level; newer ones inside the kvstore.
     relative = os.path.join(kvstore.get("path", ""), spec.pop("path", ""))
     array_dir = step_dir / relative
@@ -233,7 +234,7 @@ def _open_array(value: Any, step_dir: Path, key: tuple[str, ...]) -> ts.Future:
     metadata = dict(spec.get("metadata") or {})
     if spec.get("dtype") == "uint16" or metadata.get("dtype") == "<u2":
         # Version-2 T5X checkpoints stored bfloat16 as uint16; T5X itself refuses these.
-        raise ValueError(f"{_name(key)} is stored as uint16 (pre-2021 T5X bfloat16); re-save it")
+        raise UsageError(f"{_name(key)} is stored as uint16 (pre-2021 T5X bfloat16); re-save it")
     if (array_dir / ".zarray").is_file():
         # As T5X's `_read_ts` does: drop layout details so the stored `.zarray` decides them.
         metadata.pop("chunks", None)
@@ -324,7 +325,7 @@ def _check_shapes(flat: Flat, expected: Mapping[str, Any], where: Path) -> None:
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(f"T5X checkpoint {where}: " + "; ".join(problems[:3]) + more)
+        raise UsageError(f"T5X checkpoint {where}: " + "; ".join(problems[:3]) + more)
 
 
 def _flatten_expected(

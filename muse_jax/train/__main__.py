@@ -12,7 +12,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from muse_jax import cli
-from muse_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (one per experiment).")
@@ -21,6 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (one per e
 def main(argv):
     cli.check_no_extra_args(argv)
     cli.check_reachable(_WORKDIR.value)
+    # Imported here: `cli.run` may re-execute the process (huge pages) before `main`.
+    from muse_jax.train import trainer
+
     return trainer.main_train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -18,6 +18,7 @@ import optax
 
 from muse_jax import parallel, stages
 from muse_jax.data import tasks
+from muse_jax.errors import UsageError
 from muse_jax.inference import modules
 from muse_jax.models import factory
 from muse_jax.sampling import mask_schedule
@@ -41,7 +42,6 @@ def load_tokenizer_params(
     return params["vq"], step
 
 
-@stage.register
 class BaseStage(stage.Stage):
     name = "base"
     image_keys: tuple[str, ...] = ("image",)  # The resolutions `targets` reads.
@@ -116,7 +116,7 @@ class BaseStage(stage.Stage):
         model (e.g. aMUSEd from `muse_jax.convert`) instead of starting from random weights."""
         source = self.stage_config.get("init_from", "")
         if source and not source.startswith(stage.MODEL_PREFIX):
-            raise ValueError(f"{self.name}.init_from={source!r}; valid: '' or 'model:DIR'.")
+            raise UsageError(f"{self.name}.init_from={source!r}; valid: '' or 'model:DIR'.")
         return self.init_from_model(state, "base", ("transformer", "text_encoder"))
 
     def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
@@ -252,7 +252,7 @@ class BaseStage(stage.Stage):
         return params
 
     def write_summaries(self, state, frozen, writer, step: int):
-        from muse_jax.eval import alignment_eval
+        from muse_jax.data import shapes_alignment
         from muse_jax.inference.model import Model
         from muse_jax.inference.pipeline import MusePipeline
 
@@ -261,7 +261,8 @@ class BaseStage(stage.Stage):
         params = self.sampler_params(state.params, frozen)
         model = Model.in_memory(self.config, self.sampler, params, self.conditioner)
         pipe = MusePipeline(model, batch_size=4 * len(prompts))
-        result = alignment_eval.generate(pipe, prompts, samples_per_prompt=4, seed=0)
-        image = summaries.upscale(summaries.grid(result.images, columns=4 * 2), 2)
+        out = pipe(prompts, num_images_per_prompt=4, seed=0)
+        image = summaries.upscale(summaries.grid(out.array, columns=4 * 2), 2)
         writer.write_images(step, {"samples": image[None]})
-        return {f"eval/alignment_{k}": v for k, v in result.scores.items() if k != "count"}
+        scores = shapes_alignment.score_or_empty(out.array, out.captions)
+        return {f"eval/alignment_{k}": v for k, v in scores.items() if k != "count"}

@@ -42,7 +42,6 @@ def merge_matching(fresh: Any, trained: Any) -> tuple[Any, int, int]:
     return traverse_util.unflatten_dict(out), loaded, len(flat_fresh) - loaded
 
 
-@stage.register
 class DecoderStage(stage.Stage):
     name = "decoder"
 

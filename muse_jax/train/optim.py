@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from muse_jax.errors import UsageError
+
 
 def learning_rate(opt_cfg, num_steps: int) -> optax.Schedule:
     warmup = min(int(opt_cfg.warmup_steps), max(num_steps - 1, 0))
@@ -19,7 +21,7 @@ def learning_rate(opt_cfg, num_steps: int) -> optax.Schedule:
             ],
             [max(warmup, 1)],
         )
-    raise ValueError(f"Unknown optimizer schedule {opt_cfg.schedule!r}; valid: cosine, constant.")
+    raise UsageError(f"Unknown optimizer schedule {opt_cfg.schedule!r}; valid: cosine, constant.")
 
 
 def make(opt_cfg, num_steps: int) -> optax.GradientTransformation:
@@ -32,7 +34,7 @@ def make(opt_cfg, num_steps: int) -> optax.GradientTransformation:
     elif opt_cfg.name == "adafactor":
         opt = optax.adafactor(lr)
     else:
-        raise ValueError(f"Unknown optimizer {opt_cfg.name!r}; valid: adamw, adam, adafactor.")
+        raise UsageError(f"Unknown optimizer {opt_cfg.name!r}; valid: adamw, adam, adafactor.")
     if opt_cfg.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), opt)
     return opt

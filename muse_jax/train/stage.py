@@ -8,6 +8,8 @@ The trainer jits, shards, checkpoints, logs and handles preemption for all of th
 from __future__ import annotations
 
 import abc
+import functools
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from muse_jax import storage
+from muse_jax import stages, storage
 from muse_jax.train.state import TrainState
 
 
@@ -139,29 +141,18 @@ class Stage(abc.ABC):
         return {}
 
 
-_REGISTRY: dict[str, type[Stage]] = {}
-
-
 MODEL_PREFIX = "model:"
 
 
-def register(cls: type[Stage]) -> type[Stage]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
+@functools.cache
 def get(name: str) -> type[Stage]:
-    # Importing here registers the built-in stages without an import cycle.
-    from muse_jax.train import (  # noqa: F401
-        base_stage,
-        decoder_stage,
-        superres_stage,
-        tokenizer_stage,
-    )
-
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown stage {name!r}; valid: {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
+    """The `Stage` class that `muse_jax.stages.STAGES` registers under `name`."""
+    spec = stages.spec(name)
+    module, _, cls_name = spec.implementation.partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, Stage)) or cls.name != name:
+        raise TypeError(f"{spec.implementation} is not a Stage named {name!r}.")
+    return cls
 
 
 def load_trained(

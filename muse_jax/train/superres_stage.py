@@ -22,7 +22,6 @@ from muse_jax.train import stage, summaries
 from muse_jax.train.base_stage import BaseStage
 
 
-@stage.register
 class SuperResStage(BaseStage):
     name = "superres"
     image_keys = ("image", "image_hr")
@@ -76,7 +75,7 @@ class SuperResStage(BaseStage):
     def write_summaries(self, state, frozen, writer, step: int):
         """Super-res of held-out test images from their true low-res tokens: a grid of
         (low-res input, super-res output, high-res original) rows and their alignment score."""
-        from muse_jax.eval import alignment
+        from muse_jax.data import shapes_alignment as alignment
 
         b = self.eval_batch(self.image_keys, 16, keep_captions=True)
         if b is None:

@@ -17,6 +17,7 @@ import optax
 from clu import metric_writers
 
 from muse_jax.data import tasks
+from muse_jax.errors import UsageError
 from muse_jax.models import factory
 from muse_jax.models.discriminator import PatchDiscriminator
 from muse_jax.train import losses, optim, stage, summaries
@@ -51,7 +52,6 @@ def make_discriminator(lc) -> PatchDiscriminator | None:
 MASKGIT_PREFIX = "maskgit:"
 
 
-@stage.register
 class TokenizerStage(stage.Stage):
     name = "tokenizer"
     image_key = "image"  # Which resolution of the dataset this tokenizer reads.
@@ -96,12 +96,12 @@ class TokenizerStage(stage.Stage):
             from muse_jax.convert import maskgit
 
             if self.stage_config.model.get("kind", "vqgan") != "maskgit":
-                raise ValueError(
+                raise UsageError(
                     f"{self.name}.init_from={source!r} needs {self.name}.model.kind='maskgit'."
                 )
             path = source[len(MASKGIT_PREFIX) :]
             if not path:
-                raise ValueError(
+                raise UsageError(
                     f"{self.name}.init_from='maskgit:' names no checkpoint: "
                     f"--config.{self.name}.init_from=maskgit:/path/to/tokenizer_checkpoint"
                 )
@@ -114,7 +114,7 @@ class TokenizerStage(stage.Stage):
             print(f"[{self.name}] starting from MaskGIT's tokenizer {path}", flush=True)
             return state.replace(params={**state.params, "vq": vq})
         if source and not source.startswith(stage.MODEL_PREFIX):
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}.init_from={source!r}; valid: '', 'maskgit:PATH' or 'model:DIR'."
             )
         return self.init_from_model(state, "tokenizer", ("vq",))
@@ -202,7 +202,6 @@ class TokenizerStage(stage.Stage):
         return {"eval/psnr": float(losses.psnr(mse))}
 
 
-@stage.register
 class SuperResTokenizerStage(TokenizerStage):
     """The high-res tokenizer the super-res stage predicts tokens of (`config.superres_tokenizer`).
 
@@ -225,11 +224,11 @@ class SuperResTokenizerStage(TokenizerStage):
         if not source:
             return state
         if source != "tokenizer":
-            raise ValueError(f"superres_tokenizer.init_from={source!r}; valid: 'tokenizer' or ''.")
+            raise UsageError(f"superres_tokenizer.init_from={source!r}; valid: 'tokenizer' or ''.")
         from muse_jax.train.base_stage import load_tokenizer_params
 
         if factory.tokenizer(self.config) != self.model:
-            raise ValueError(
+            raise UsageError(
                 "superres_tokenizer.init_from='tokenizer' needs the same model block as "
                 "config.tokenizer.model; set init_from='' to train it from scratch."
             )

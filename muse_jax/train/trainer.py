@@ -30,6 +30,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from muse_jax import checkpoints, compilation_cache, parallel, storage
+from muse_jax.errors import UsageError
 from muse_jax.train import stage as stage_lib
 
 
@@ -159,7 +160,7 @@ def steps_per_call_of(train_config) -> int:
     """The stage's `train.steps_per_call` (default 1), checked."""
     k = train_config.get("steps_per_call", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"train.steps_per_call must be an integer >= 1, got {k!r}.")
+        raise UsageError(f"train.steps_per_call must be an integer >= 1, got {k!r}.")
     return k
 
 

@@ -1,4 +1,4 @@
-"""Pixel-based text-image alignment checker for the shapes world.
+"""Pixel-based text-image alignment checker for the shapes world: the renderer read backwards.
 
 Verifies each attribute a caption states (colour, shape, size, position,
 relation) directly from pixels, so alignment of generated images can be
@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from muse_jax.data.shapes import COLORS, parse_caption
+from muse_jax.errors import UsageError
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "relation")
 
@@ -71,7 +72,7 @@ def classify_pixels(image: np.ndarray) -> np.ndarray:
     """
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"Expected an [H, W, 3] image, got shape {img.shape}")
+        raise UsageError(f"Expected an [H, W, 3] image, got shape {img.shape}")
     d = ((img[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)
     return np.argmin(d, axis=-1)
 
@@ -214,7 +215,7 @@ def score(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]) ->
       every stated attribute right, and 'count' = N.
     """
     if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UsageError(f"{len(images)} images but {len(captions)} captions")
     hits: dict[str, list[bool]] = {k: [] for k in ATTRIBUTES}
     all_ok: list[bool] = []
     for img, cap in zip(images, captions):
@@ -226,3 +227,11 @@ def score(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]) ->
     out["all"] = float(np.mean(all_ok)) if all_ok else float("nan")
     out["count"] = float(len(captions))
     return out
+
+
+def score_or_empty(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]):
+    """`score`, or {} when a caption is outside the shapes grammar (it cannot be checked)."""
+    try:
+        return score(images, captions)
+    except ValueError:
+        return {}
