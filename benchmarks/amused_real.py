@@ -42,10 +42,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from muse_jax import host_memory  # noqa: E402
+from muse_jax import entry  # noqa: E402
 
 if __name__ == "__main__":
-    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+    entry.prepare_process()  # Before jax starts: huge pages, MUSE_JAX_ONEDNN's flags.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,6 +58,7 @@ from train_steps import wall_times  # noqa: E402
 from muse_jax.convert import amused_configs, diffusers_uvit, diffusers_vq  # noqa: E402
 from muse_jax.models import amused_vq, uvit, uvit_transformer  # noqa: E402
 from muse_jax.sampling.sampler import MuseSampler  # noqa: E402
+from tests.helpers import random_diffusers_model  # noqa: E402
 
 AMUSED_256 = amused_configs.TRANSFORMER_256
 AMUSED_VQ = amused_configs.VQ
@@ -122,40 +123,17 @@ def machine() -> str:
 # ----------------------------------------------------------------------------- the weights
 
 
-def _random_torch(cls, cfg: dict[str, Any], seed: int) -> torch.nn.Module:
-    """`cls(**cfg)` in eval mode with every parameter drawn: weights N(0, 1/fan_in), norm scales
-    1 + noise, biases and GRN gamma/beta small noise. Built without torch's init, and filled
-    from one seeded pool at random offsets (as tests/test_uvit.py does): drawing the 750M
-    numbers one by one is what makes torch's own init of these models slow."""
-    peer_amused._import_diffusers()  # Hides a broken torchvision first.
-    from diffusers.models.modeling_utils import no_init_weights
-
-    with no_init_weights():
-        model = cls(**cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    largest = max(p.numel() for p in model.parameters())
-    pool = torch.randn(largest + 4096, generator=gen)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            start = int(torch.randint(0, pool.numel() - p.numel() + 1, (), generator=gen))
-            noise = pool[start : start + p.numel()].view(p.shape)
-            if name.endswith((".gamma", ".beta", ".bias")):
-                p.copy_(0.1 * noise)
-            elif p.ndim == 1:  # norm scales
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-    return model
-
-
 def torch_models(
     uvit_cfg: dict[str, Any], vq_cfg: dict[str, Any], seed: int
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The diffusers transformer and VQ model, float32; the same seed gives the same weights."""
-    diffusers = peer_amused._import_diffusers()
+    """The diffusers transformer and VQ model, float32, with every parameter drawn (noise 0.1;
+    see `tests.helpers.random_diffusers_model`, which tests/test_uvit.py uses too): drawing the
+    750M numbers one by one is what makes torch's own init of these models slow. The same seed
+    gives the same weights."""
+    diffusers = peer_amused._import_diffusers()  # Hides a broken torchvision first.
     return (
-        _random_torch(diffusers.UVit2DModel, uvit_cfg, seed),
-        _random_torch(diffusers.VQModel, vq_cfg, seed + 1),
+        random_diffusers_model(diffusers.UVit2DModel, uvit_cfg, seed, noise=0.1),
+        random_diffusers_model(diffusers.VQModel, vq_cfg, seed + 1, noise=0.1),
     )
 
 

@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from muse_jax import host_memory  # noqa: E402
+from muse_jax import entry  # noqa: E402
 
 if __name__ == "__main__":
-    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+    entry.prepare_process()  # Before jax starts: huge pages, MUSE_JAX_ONEDNN's flags.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

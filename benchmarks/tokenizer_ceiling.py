@@ -23,8 +23,8 @@ _NUM = flags.DEFINE_integer("num_images", 1000, "Test images to reconstruct.")
 
 def main(_):
     from muse_jax import parallel
-    from muse_jax.data import tasks
     from muse_jax.data import shapes_alignment as alignment
+    from muse_jax.data import tasks
     from muse_jax.models import factory
     from muse_jax.train import base_stage, summaries
 

@@ -3,9 +3,11 @@ r"""Train-step throughput and MFU of every stage of a config, on random weights.
 Each stage's jitted train step (the trainer's: donated state, frozen inputs) runs on a synthetic
 batch of the stage's shapes; with the stage's `train.steps_per_call` K > 1 so does the trainer's
 K-step program, whose rate is the headline (the K=1 MFU is printed beside it). Frozen parts
-(tokenizers, ...) are random initialisations, which cost the same FLOPs as trained ones. Prints steps/s, examples/s, XLA's FLOPs per step and the
-MFU against a float32 matmul measured in the same run, plus the seconds that `num_steps` of the
-config take at that rate (compile time reported apart).
+(tokenizers, ...) are random values, which cost the same FLOPs as trained ones. The stages
+and their shapes come from the registry (`muse_jax.stages`) and each stage's `batch_spec` and
+`frozen`. Prints steps/s, examples/s, XLA's FLOPs per step and the MFU against a float32
+matmul measured in the same run, plus the seconds that `num_steps` of the config take at that
+rate (compile time reported apart).
 
   python benchmarks/train_steps.py --config=configs/shapes_tiny.py
   python benchmarks/train_steps.py --config=configs/shapes_tiny.py --stages=superres --steps=20
@@ -20,21 +22,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from muse_jax import host_memory  # noqa: E402
+from muse_jax import entry  # noqa: E402
 
 if __name__ == "__main__":
-    host_memory.reexec_with_hugepages()  # Before jax starts (MUSE_JAX_HUGEPAGES=0: off).
+    entry.prepare_process()  # Before jax starts: huge pages, MUSE_JAX_ONEDNN's flags.
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from muse_jax import parallel  # noqa: E402
+from muse_jax import parallel, stages  # noqa: E402
 from muse_jax.train import stage as stage_lib  # noqa: E402
 from muse_jax.train import trainer  # noqa: E402
-
-STAGES = ("tokenizer", "base", "superres_tokenizer", "superres", "decoder")
 
 
 def load_config(spec: str):
@@ -74,46 +74,39 @@ def cost_flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def random_frozen(name: str, config, workdir: str):
-    """What `Stage.frozen` would load from checkpoints, as random initialisations."""
-    params = lambda n: (
-        nn.unbox(stage_lib.get(n)(config, workdir).init(jax.random.PRNGKey(1))).params
-    )
-    if name in ("tokenizer", "superres_tokenizer"):
-        return None
-    if name == "decoder":
-        vq = params("superres_tokenizer")["vq"]
-        return {"encoder": vq["encoder"], "quantizer": vq["quantizer"], "plain": vq}
-    frozen = {"tokenizer": params("tokenizer")["vq"]}
-    if name == "superres":
-        frozen["superres_tokenizer"] = params("superres_tokenizer")["vq"]
-    return frozen
+def random_frozen(stage, mesh, rules):
+    """What `Stage.frozen` would load from checkpoints: random values of the same shapes,
+    dtypes and shardings (the same FLOPs as trained weights)."""
+    abstract = stage.frozen(mesh, rules, abstract=True)
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(jax.random.PRNGKey(1), max(len(leaves), 1))
+    values = [
+        jax.device_put(0.02 * jax.random.normal(k, x.shape, x.dtype), x.sharding)
+        for k, x in zip(keys, leaves)
+    ]
+    return jax.tree.unflatten(treedef, values)
 
 
-def synthetic_batch(stage, config, batch_size: int) -> dict[str, np.ndarray]:
+def synthetic_batch(stage, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch of `stage.batch_spec`'s shapes: images uniform in [-1, 1], integer inputs
+    (caption ids, masks) all ones."""
     rng = np.random.default_rng(0)
-    img = lambda s: rng.uniform(-1, 1, (batch_size, s, s, 3)).astype(np.float32)
-    lo, hi = config.data.image_size, config.data.get("hr_image_size", 0)
-    if stage.name in ("tokenizer", "superres_tokenizer", "decoder"):
-        return {"image": img(hi if stage.name != "tokenizer" else lo)}
-    length = config.data.text_length
-    batch = {
-        "image": img(lo),
-        "text_ids": rng.integers(1, 20, (batch_size, length)).astype(np.int32),
-        "text_mask": np.ones((batch_size, length), np.int32),
-    }
-    if stage.name == "superres":
-        batch["image_hr"] = img(hi)
-    return batch
+    out = {}
+    for key, spec in stage.batch_spec(batch_size).items():
+        if np.issubdtype(spec.dtype, np.integer):
+            out[key] = np.ones(spec.shape, spec.dtype)
+        else:
+            out[key] = rng.uniform(-1, 1, spec.shape).astype(spec.dtype)
+    return out
 
 
 def bench(name: str, config, workdir: str, steps: int, peak: float) -> dict:
     stage = stage_lib.get(name)(config, workdir)
     mesh, rules = parallel.create_mesh(config), parallel.rules(config)
     state, shardings, _ = parallel.jit_init(stage.init, jax.random.PRNGKey(0), mesh, rules)
-    frozen = random_frozen(name, config, workdir)
+    frozen = random_frozen(stage, mesh, rules)
     bs = stage.train_config.batch_size
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(stage, config, bs).items()}
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(stage, bs).items()}
 
     def step_fn(state, batch, frozen):
         with nn.logical_axis_rules(list(rules)):
@@ -164,7 +157,7 @@ def _seconds_per_step(compiled, state, args: tuple, steps: int, per_call: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/shapes_tiny.py")
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stages", default=",".join(stages.NAMES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/muse_bench_train_steps")
     parser.add_argument(

@@ -27,12 +27,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 _PARAMS, _REST = "params", "train_state"
 _LEGACY = "default"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UsageError):
     """The checkpoint in a directory was written by a model of another shape."""
 
 
@@ -40,7 +41,7 @@ class CheckpointSaveError(storage.StorageError):
     """A save failed (disk full, no permission): training must stop at once."""
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(UsageError):
     """No step of a checkpoint directory could be read (each one damaged or incomplete)."""
 
 

@@ -1,16 +1,17 @@
 """Transparent huge pages for XLA:CPU's per-execution buffers, via a one-time re-exec.
 
-XLA:CPU maps each execution's temporaries afresh (394 MB for the peer-size base train step) and
-unmaps them afterwards, so every step faults all those pages in again: measured on the 2-core dev
-box, 100k page faults per tiny base step and 750k per peer-size one, a quarter of the CPU time in
-the kernel. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for transparent huge pages
-on its mappings (27-370x fewer faults measured); train steps run 1.1-1.4x faster (BENCHMARKS.md).
+XLA:CPU maps each execution's temporaries afresh and unmaps them afterwards, so every step
+faults all those pages in again, and much of a CPU step's time goes to the kernel. glibc's
+`glibc.malloc.hugetlb=1` tunable makes malloc ask for transparent huge pages on its mappings:
+far fewer faults and faster train steps (figures in BENCHMARKS.md, section "Page faults:
+XLA:CPU maps every execution's buffers afresh").
 Applied on CPU hosts only (not where /dev/accel* or /dev/nvidia* exist, unless JAX_PLATFORMS=cpu),
-and never over a `glibc.malloc.hugetlb` setting of the user's. Tunables
-are read when a process starts, hence the re-exec before any work is done.
+and never over a `glibc.malloc.hugetlb` setting of the user's. Tunables are read when a process
+starts, hence the re-exec, done by `muse_jax.entry.prepare_process` at a binary's entry point
+(`cli.run`) before any work; importing the package changes nothing.
 
 Imports nothing heavy (no jax), so that binaries and benchmarks can call it first.
-`MUSE_JAX_HUGEPAGES=0` turns it off.
+`MUSE_JAX_HUGEPAGES=0` turns it off. `python -m muse_jax.host_memory` says whether it applies.
 """
 
 from __future__ import annotations
@@ -75,30 +76,10 @@ def applied(environ: dict[str, str] | None = None) -> bool:
     return _hugetlb_setting(environ) == TUNABLE
 
 
-def muse_program(argv: list[str] | None = None) -> str | None:
-    """The muse program this process runs (`muse_jax.train` for `python [-u -X ...] -m
-    muse_jax.train`, `muse-train` for the console script), or None: a test runner, a notebook or
-    a script that merely imports the package is never re-executed."""
-    argv = list(getattr(sys, "orig_argv", []) if argv is None else argv)
-    args = iter(argv[1:])
-    for arg in args:
-        if arg == "-m" or (arg.startswith("-m") and len(arg) > 2):
-            module = arg[2:] or next(args, "")
-            return module if module.startswith("muse_jax.") else None
-        if arg in ("-X", "-W", "--check-hash-based-pycs"):
-            next(args, None)  # The option's value.
-        elif arg in ("-c", "-", "--"):
-            return None
-        elif not arg.startswith("-"):
-            name = os.path.basename(arg)
-            return name if name.startswith("muse-") else None
-    return None
-
-
 def reexec_with_hugepages() -> None:
     """Replaces this process by the same command with the tunable set; returns if it is set
     already, if the user chose another hugetlb setting, if it is unavailable, or if the exec
-    fails. Call first thing in a program, never from library code."""
+    fails. Called first thing by `muse_jax.entry.prepare_process`, never from library code."""
     if os.environ.get(_DONE) or _hugetlb_setting(os.environ) is not None:
         return
     if unavailable_reason() is not None or not getattr(sys, "orig_argv", None):

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,7 @@ def spec(name: str) -> StageSpec:
     for s in STAGES:
         if s.name == name:
             return s
-    raise ValueError(f"Unknown stage {name!r}; valid: {', '.join(NAMES)}.")
+    raise UsageError(f"Unknown stage {name!r}; valid: {', '.join(NAMES)}.")
 
 
 def has_cascade(config) -> bool:

@@ -32,6 +32,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from muse_jax.errors import UsageError
+
 Point = dict[str, Any]
 
 # Short forms of common key leaves (the last part of a dotted key) for point names.
@@ -53,7 +55,7 @@ _ABBREVIATIONS = {
 _MAX_NAME = 100  # Well below the 255-byte limit of most filesystems.
 
 
-class SweepError(ValueError):
+class SweepError(UsageError):
     """A malformed sweep file or sweep definition."""
 
 

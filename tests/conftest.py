@@ -6,13 +6,13 @@ import os
 import sys
 
 import pytest
+from helpers import ROOT  # pytest puts tests/ (this file's folder) on sys.path for it.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests run on CPU. With the [tpu] extra installed (libtpu, for tests/test_aot.py), JAX would
 # otherwise probe this host for a TPU in every process; the aot tests describe theirs without one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # `configs`, `tests.*` and this checkout's `muse_jax`.
 
 
 @pytest.fixture

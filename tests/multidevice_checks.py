@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, shapes_images  # Run as a script: tests/ is sys.path[0].
+
 sys.path.insert(0, ROOT)
 
 import flax.linen as nn  # noqa: E402
@@ -20,7 +21,6 @@ from muse_jax import (
     checkpoints,  # noqa: E402
     parallel,  # noqa: E402
 )
-from muse_jax.data import shapes  # noqa: E402
 from muse_jax.train.base_stage import BaseStage  # noqa: E402
 from muse_jax.train.tokenizer_stage import TokenizerStage  # noqa: E402
 
@@ -38,18 +38,7 @@ def _mesh(config, n: int):
 
 
 def _batch(config, workdir):
-    images = (
-        np.stack(
-            [
-                shapes.generate_example(
-                    0, "train", i, image_size=32, held_out=(), two_object_prob=0.3
-                )[0]
-                for i in range(8)
-            ]
-        ).astype(np.float32)
-        / 127.5
-        - 1
-    )
+    images = shapes_images()
     cond = BaseStage(config, workdir).conditioner.encode(["a red circle on the left"] * 8)
     return {"image": images, **cond}
 

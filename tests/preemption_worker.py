@@ -17,7 +17,8 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402  (run as a script, tests/ is sys.path[0])
+
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402

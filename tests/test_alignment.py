@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from muse_jax.data import shapes
-from muse_jax.eval import alignment
+from muse_jax.data import shapes_alignment as alignment
 
 N = 400
 

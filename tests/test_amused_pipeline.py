@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -28,8 +27,8 @@ diffusers = pytest.importorskip("diffusers")
 from muse_jax.inference import model as model_lib  # noqa: E402
 from muse_jax.inference.pipeline import MusePipeline  # noqa: E402
 from muse_jax.sampling.sampler import Settings  # noqa: E402
+from tests.helpers import run_module  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cube", "two dogs on a beach at night"]
 STEPS, GUIDANCE = 6, 4.0  # GUIDANCE in diffusers' convention: uncond + g (cond - uncond).
 
@@ -130,13 +129,7 @@ def amused(tmp_path_factory):
 
 
 def _convert(src: str, out: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.convert", "--from=diffusers", src, f"--out={out}", *extra],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    return run_module("muse_jax.convert", "--from=diffusers", src, f"--out={out}", *extra)
 
 
 def _diffusers_tokens(pipe, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
@@ -197,10 +190,9 @@ def test_from_pretrained_generates(amused):
 
 def test_sample_binary_reads_the_converted_directory(amused, tmp_path):
     _, _, out = amused
-    proc = subprocess.run(
-        [sys.executable, "-m", "muse_jax.sample", f"--model={out}", "--prompt=a red cube",
-         "--num_samples=2", f"--output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    proc = run_module(
+        "muse_jax.sample", f"--model={out}", "--prompt=a red cube", "--num_samples=2",
+        f"--output_dir={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "sample_001.png").exists() and (tmp_path / "grid.png").exists()

@@ -5,9 +5,7 @@ steps and samplers compiled for a real TPU v4 slice with the rules table's shard
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +14,8 @@ import pytest
 
 from configs import shapes_tiny
 from muse_jax import aot, compiled_stats, tpu
+from tests.helpers import run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_MISSING = tpu.libtpu_missing()
 needs_libtpu = pytest.mark.skipif(bool(LIBTPU_MISSING), reason=str(LIBTPU_MISSING))
 
@@ -110,13 +108,7 @@ def test_required_bytes_from_xla_refusals():
 
 
 def _run(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.aot", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_module("muse_jax.aot", *flags, timeout=900)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -14,8 +12,8 @@ import pytest
 from PIL import Image
 
 from muse_jax.sampling import editing
+from tests.helpers import ROOT, run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 
 
@@ -162,13 +160,7 @@ def test_inpaint_outpaint_maskfree_with_the_generation_sampler(smoke_model):
 
 
 def _edit(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.edit", f"--config={CONFIG}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("muse_jax.edit", f"--config={CONFIG}", *args)
 
 
 @pytest.mark.slow
@@ -255,7 +247,7 @@ def test_inpainting_a_shape_with_another_colour_gives_that_colour():
 
     from configs import shapes_tiny
     from muse_jax.data import shapes
-    from muse_jax.eval import alignment
+    from muse_jax.data import shapes_alignment as alignment
     from muse_jax.inference import images as summaries
     from muse_jax.inference import model as model_lib
 

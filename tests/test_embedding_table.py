@@ -4,8 +4,6 @@ a time, keyed by caption hashes whose collisions are caught at write time; local
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import ml_dtypes
@@ -14,9 +12,9 @@ import pytest
 
 from muse_jax import storage
 from muse_jax.text import embeddings, precompute
+from tests.helpers import child_env, run_python
 
 S, D = 6, 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rows(captions, seed):
@@ -204,16 +202,8 @@ print("ok")
 def test_a_table_on_gcs_is_written_and_read_through_the_emulator(tmp_path):
     gcs_emulator = pytest.importorskip("gcs_emulator")
     with gcs_emulator.gcs_emulator() as gcs:
-        env = {**os.environ, **gcs.env, "PYTHONPATH": ROOT}
         script = textwrap.dedent(_GCS_ROUND_TRIP.format(bucket=gcs.bucket))
-        run = subprocess.run(
-            [sys.executable, "-c", script],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        run = run_python("-c", script, env=child_env(**gcs.env), cwd=tmp_path, timeout=300)
         assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
         names = gcs.list("runs/t5/text_emb/")
     assert "runs/t5/text_emb/table.json" in names

@@ -2,27 +2,19 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from muse_jax.train import summaries
+from tests.helpers import ROOT, run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 
 
 def _sample(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.sample", f"--config={CONFIG}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("muse_jax.sample", f"--config={CONFIG}", *args)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,19 +19,13 @@ import pytest
 
 from muse_jax.eval import evaluator, metrics
 from muse_jax.train import summaries
+from tests.helpers import ROOT, run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.evaluate", f"--config={CONFIG}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("muse_jax.evaluate", f"--config={CONFIG}", *args)
 
 
 def _finite(scores: dict) -> dict:
@@ -260,7 +253,8 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
 
 @pytest.mark.slow
 def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_run, weights):
-    from muse_jax.eval import alignment, alignment_eval, clip
+    from muse_jax.data import shapes_alignment as alignment
+    from muse_jax.eval import alignment_eval, clip
     from muse_jax.inference.pipeline import MusePipeline
 
     workdir, _, record, _ = cascade_run

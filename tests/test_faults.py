@@ -15,6 +15,7 @@ import pytest
 from muse_jax import checkpoints
 from muse_jax.inference.pipeline import MusePipeline
 from muse_jax.train import trainer
+from tests.helpers import ROOT, child_env, run_module, signal_after
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 PROMPTS = ["a large red circle on the left"]
@@ -109,7 +110,6 @@ def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
     """Checkpoints on a 1 MiB tmpfs: a save soon fails. Training stops at once with one line
     naming the failed step, the reason and the last good step, which stays intact."""
     import subprocess
-    import sys
 
     workdir = tmp_path / "run"
     mount = workdir / "tokenizer" / "checkpoints"
@@ -117,20 +117,14 @@ def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)])
     if done.returncode != 0:
         pytest.skip("needs root to mount a small tmpfs (mount -t tmpfs -o size=1M ...)")
-    root = Path(__file__).resolve().parents[1]
     try:
-        proc = subprocess.run(
-            [
-                sys.executable, "-m", "muse_jax.train",
-                f"--config={root}/configs/shapes_tiny.py:smoke",
-                "--config.stage=tokenizer", f"--workdir={workdir}",
-                "--config.tokenizer.train.num_steps=30",
-                "--config.tokenizer.train.log_every=1",
-            ],
-            env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"},
-            capture_output=True,
-            text=True,
-            timeout=600,
+        proc = run_module(
+            "muse_jax.train",
+            f"--config={ROOT}/configs/shapes_tiny.py:smoke",
+            "--config.stage=tokenizer", f"--workdir={workdir}",
+            "--config.tokenizer.train.num_steps=30",
+            "--config.tokenizer.train.log_every=1",
+            env=child_env(TF_CPP_MIN_LOG_LEVEL="2"),
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
         # Our report is one line. (In a minority of runs, orbax's and tensorstore's writer
@@ -157,11 +151,10 @@ def test_a_full_disk_stops_training_at_once_in_one_line(tmp_path):
 
 
 def _train_args(workdir, **keys) -> list[str]:
-    root = Path(__file__).resolve().parents[1]
     return [
         "-m",
         "muse_jax.train",
-        f"--config={root}/configs/shapes_tiny.py:smoke",
+        f"--config={ROOT}/configs/shapes_tiny.py:smoke",
         "--config.stage=tokenizer",
         f"--workdir={workdir}",
         *(f"--config.tokenizer.train.{k}={v}" for k, v in keys.items()),
@@ -172,8 +165,6 @@ def test_sigterm_during_the_final_steps_and_close_still_checkpoints(tmp_path):
     """The signal arrives after the last step's log line: summaries, the final save and the
     close of the asynchronous writer still run; exit 0 with the last step saved."""
     import signal
-
-    from tests.processes import signal_after
 
     run = tmp_path / "run"
     code, out = signal_after(
@@ -192,7 +183,6 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(trained_
 
     from muse_jax import parallel
     from muse_jax.train.tokenizer_stage import TokenizerStage
-    from tests.processes import signal_after
 
     config, _ = trained_smoke
     keys = dict(num_steps=9, log_every=1, checkpoint_every=3)

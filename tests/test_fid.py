@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from unittest import mock
 
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from muse_jax.eval import convert_inception, fid, inception
+from tests.helpers import run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCHVISION_SHIM: list = []
 
 
@@ -123,14 +122,9 @@ def weights(pfi, tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("inception")
     pth, out = str(path / "random_inception.pth"), str(path / "inception_fid.safetensors")
     torch.save(_random_state_dict(pfi, seed=0), pth)
-    cmd = [
-        sys.executable,
-        "-m",
-        "muse_jax.eval.convert_inception",
-        f"--input={pth}",
-        f"--output={out}",
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_module(
+        "muse_jax.eval.convert_inception", f"--input={pth}", f"--output={out}", timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout
     # pytorch-fid loads the .pth exactly as it loads the real download (strict load_state_dict).
@@ -338,14 +332,12 @@ def test_converter_and_loader_errors(tmp_path):
 
 
 def test_converter_cli_reports_errors_in_one_line(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
+    done = run_module(
         "muse_jax.eval.convert_inception",
         f"--input={tmp_path / 'nope.pth'}",
         f"--output={tmp_path / 'o.safetensors'}",
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error:") and "nope.pth" in done.stderr
     assert "Traceback" not in done.stderr

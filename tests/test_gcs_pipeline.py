@@ -5,15 +5,12 @@ the interrupted-and-resumed stage must equal an uninterrupted one to the bit."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.gcs_emulator import gcs_emulator
-from tests.processes import sigterm_after
+from tests.helpers import ROOT, child_env, run_python, sigterm_after
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 TOKENIZER = [
     "--config.tokenizer.train.num_steps=8",
@@ -44,9 +41,7 @@ print("STEPS", sa, sb, "IDENTICAL" if same else "DIFFERENT", flush=True)
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = run_python(*args, env=env, timeout=timeout)
     assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
     return proc.stdout
 
@@ -60,7 +55,7 @@ def _train(env, workdir: str, stage: str, *overrides: str) -> list[str]:
 def test_smoke_pipeline_on_a_gs_workdir(tmp_path):
     local = str(tmp_path / "local")
     with gcs_emulator() as gcs:
-        env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT)
+        env = child_env(**gcs.env)
         run = f"gs://{gcs.bucket}/run"
 
         # The tokenizer stage on gs://, stopped by SIGTERM after step 3, then resumed.
@@ -118,7 +113,7 @@ def test_smoke_pipeline_on_a_gs_workdir(tmp_path):
 @pytest.mark.slow
 def test_an_unreachable_bucket_is_one_line_and_writes_nothing(tmp_path):
     with gcs_emulator() as gcs:
-        env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT)
+        env = child_env(**gcs.env)
         run = "gs://no-such-bucket/run"
         out = str(tmp_path / "out")
         commands = [
@@ -128,14 +123,7 @@ def test_an_unreachable_bucket_is_one_line_and_writes_nothing(tmp_path):
             ["-m", "muse_jax.evaluate", f"--config={CONFIG}", f"--workdir={run}"],
         ]
         for args in commands:
-            proc = subprocess.run(
-                [sys.executable, *args],
-                cwd=str(tmp_path),
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            proc = run_python(*args, cwd=tmp_path, env=env, timeout=300)
             errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
             assert errors == [

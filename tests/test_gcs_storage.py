@@ -8,9 +8,6 @@ that nothing landed in a local `./gs:` folder, the failure mode of a path mangle
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import child_env, run_python
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +26,10 @@ def emulator() -> Iterator[GcsEmulator]:
 
 def _run(emu: GcsEmulator, cwd: Path, code: str) -> str:
     """Runs `code` in a subprocess pointed at the emulator; returns its stdout."""
-    env = {
-        **os.environ,
-        **emu.env,
-        "PYTHONPATH": ROOT,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "JAX_PLATFORMS": "cpu",
-        "BUCKET": f"gs://{emu.bucket}",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    env = child_env(
+        **emu.env, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", BUCKET=f"gs://{emu.bucket}"
     )
+    done = run_python("-c", textwrap.dedent(code), cwd=cwd, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not (cwd / "gs:").exists(), "a gs:// path was written to local disk"
     return done.stdout

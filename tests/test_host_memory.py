@@ -1,15 +1,13 @@
-"""The huge-page re-exec: which processes it applies to, the real hooks, opt-outs, fewer faults."""
+"""The huge-page re-exec: at the binaries' entry point only, opt-outs, fewer page faults."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from muse_jax import host_memory
+from tests.helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_thp = pytest.mark.skipif(
     host_memory.unavailable_reason({}) is not None,
     reason=f"huge pages unavailable: {host_memory.unavailable_reason({})}",
@@ -20,25 +18,7 @@ _OURS = ("GLIBC_TUNABLES", host_memory.ENV, host_memory._DONE, "JAX_PLATFORMS")
 def _run(args, **env):
     environ = {k: v for k, v in os.environ.items() if k not in _OURS}
     environ.update(env)
-    out = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True, check=True
-    )
-    return out.stdout
-
-
-def test_which_processes_are_muse_programs():
-    prog = host_memory.muse_program
-    assert prog(["python", "-m", "muse_jax.train", "--config=c"]) == "muse_jax.train"
-    assert prog(["python", "-u", "-X", "dev", "-m", "muse_jax.sample"]) == "muse_jax.sample"
-    assert prog(["python", "-mmuse_jax.edit"]) == "muse_jax.edit"
-    assert prog(["python", "/venv/bin/muse-sample", "--prompt=x"]) == "muse-sample"
-    for argv in (
-        ["python", "-m", "pytest", "tests"],
-        ["python", "-c", "import muse_jax"],
-        ["python", "benchmarks/sampler.py"],
-        ["python"],
-    ):
-        assert prog(argv) is None, argv
+    return run_python(*args, env=environ, check=True).stdout
 
 
 def test_settings_that_turn_it_off():
@@ -62,25 +42,34 @@ def test_reexecutes_with_the_tunable_and_respects_the_users_settings():
     assert "as you set them (glibc.malloc.hugetlb=0)" in out
 
 
-_SWEEP = """
+_BINARY = """
 import os
-print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
-from muse_jax.sweep import axis, product
-def get_sweep():
-    return product(axis("seed", [0]))
+from muse_jax import cli
+
+def main(argv):
+    print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
+
+cli.run(main)
 """
 
 
 @needs_thp
-def test_binaries_reexecute_at_package_import(tmp_path):
-    """The hook in muse_jax/__init__.py, through a real binary (`-m` and the console script)."""
+def test_binaries_reexecute_at_their_entry_point_and_imports_change_nothing(tmp_path):
+    """`cli.run` (every binary's entry point) re-executes with the tunable; importing the
+    package, or running a library module such as `muse_jax.sweep`, does not."""
+    binary = tmp_path / "print_env.py"
+    binary.write_text(_BINARY)
+    assert f"TUNABLES={host_memory.TUNABLE}" in _run([str(binary)])
+    assert "TUNABLES=\n" in _run([str(binary)], MUSE_JAX_HUGEPAGES="0")
+    check = "import os, muse_jax; print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''))"
+    assert "TUNABLES=\n" in _run(["-c", check])
     sweep = tmp_path / "print_env_sweep.py"
-    sweep.write_text(_SWEEP)
-    assert f"TUNABLES={host_memory.TUNABLE}" in _run(["-m", "muse_jax.sweep", str(sweep)])
-    assert "TUNABLES=\n" in _run(["-m", "muse_jax.sweep", str(sweep)], MUSE_JAX_HUGEPAGES="0")
-    script = os.path.join(os.path.dirname(sys.executable), "muse-sweep")
-    if os.path.exists(script):  # Installed with `pip install -e .`.
-        assert f"TUNABLES={host_memory.TUNABLE}" in _run([script, str(sweep)])
+    sweep.write_text(
+        "import os\nprint('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''))\n"
+        "from muse_jax.sweep import axis, product\n"
+        "def get_sweep():\n    return product(axis('seed', [0]))\n"
+    )
+    assert "TUNABLES=\n" in _run(["-m", "muse_jax.sweep", str(sweep)])
 
 
 _FAULTS = textwrap.dedent(

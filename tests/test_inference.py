@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,13 +17,13 @@ from PIL import Image
 from muse_jax.inference import export, weights
 from muse_jax.inference import model as model_lib
 from muse_jax.inference.pipeline import MusePipeline
+from tests.helpers import ROOT, child_env, run_module, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle on the left", "a small blue square at the top"]
 
 
 def _env(**extra) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+    return child_env(TF_CPP_MIN_LOG_LEVEL="2", **extra)
 
 
 def test_the_inference_package_imports_nothing_from_train():
@@ -39,9 +37,7 @@ def test_the_inference_package_imports_nothing_from_train():
         print(sorted(m for m in sys.modules if m.startswith("muse_jax.train")))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True
-    )
+    out = run_python("-c", code, env=_env(), check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -52,7 +48,7 @@ def test_no_module_below_train_imports_it_even_inside_a_function():
 
     offenders = []
     for package in ("data", "models", "text", "sampling", "inference", "eval"):
-        for path in sorted((ROOT / "muse_jax" / package).glob("*.py")):
+        for path in sorted(Path(ROOT, "muse_jax", package).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = []
                 if isinstance(node, ast.Import):
@@ -225,12 +221,8 @@ def test_export_binary_writes_once_and_refuses_bad_input(trained_cascade, tmp_pa
     _, workdir = trained_cascade
 
     def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "muse_jax.export", f"--config={config_path}", *args],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
+        return run_module(
+            "muse_jax.export", f"--config={config_path}", *args, env=_env(), cwd=tmp_path
         )
 
     out = tmp_path / "model"
@@ -250,20 +242,14 @@ def test_export_binary_writes_once_and_refuses_bad_input(trained_cascade, tmp_pa
 def test_sample_binary_writes_in_batches(exported, tmp_path):
     config, workdir, out = exported
     args = [
-        sys.executable,
-        "-m",
-        "muse_jax.sample",
         f"--config={ROOT}/configs/shapes_tiny.py:smoke",
         f"--workdir={workdir}",
         "--prompt=a large red circle on the left",
         "--seed=3",
         "--batch_size=2",
     ]
-    done = subprocess.run(
-        [*args, "--num_samples=3", f"--output_dir={tmp_path / 's'}"],
-        env=_env(),
-        capture_output=True,
-        text=True,
+    done = run_module(
+        "muse_jax.sample", *args, "--num_samples=3", f"--output_dir={tmp_path / 's'}", env=_env()
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[sample] 2/3 images written" in done.stdout
@@ -274,18 +260,19 @@ def test_sample_binary_writes_in_batches(exported, tmp_path):
     )
     got = np.stack([np.asarray(Image.open(tmp_path / "s" / f)) for f in files])
     np.testing.assert_array_equal(got, expected.array)
-    refused = subprocess.run(
-        [*args, "--num_samples=5000", f"--output_dir={tmp_path / 'big'}"],
+    refused = run_module(
+        "muse_jax.sample",
+        *args,
+        "--num_samples=5000",
+        f"--output_dir={tmp_path / 'big'}",
         env=_env(),
-        capture_output=True,
-        text=True,
     )
     assert refused.returncode == 2 and "over --max_images=1024" in refused.stderr
     assert not (tmp_path / "big").exists()
 
 
 def _readme_snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = Path(ROOT, "README.md").read_text()
     section = text.split("## Use it from Python", 1)[1]
     return section.split("```python", 1)[1].split("```", 1)[0]
 
@@ -297,9 +284,7 @@ def test_the_readme_python_example_runs_as_written(exported, tmp_path):
     os.symlink(out, tmp_path / "models" / "shapes")
     code = _readme_snippet()
     assert len(code.strip().splitlines()) <= 6
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, cwd=tmp_path
-    )
+    done = run_python("-c", code, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(tmp_path.glob("*.png"))
     assert written and all(Image.open(p).size == (64, 64) for p in written)
@@ -328,11 +313,10 @@ def test_export_to_gcs_and_load_from_it(exported, tmp_path):
         """
     )
     with gcs_emulator() as emu:
-        done = subprocess.run(
-            [sys.executable, "-c", code.replace("{bucket}", f"gs://{emu.bucket}")],
+        done = run_python(
+            "-c",
+            code.replace("{bucket}", f"gs://{emu.bucket}"),
             env=_env(**emu.env, JAX_PLATFORMS="cpu"),
-            capture_output=True,
-            text=True,
             cwd=tmp_path,
             timeout=300,
         )

@@ -37,7 +37,6 @@ def _base_loss(model, params, tokens, ctx, mask):
         ce, acc = losses.masked_cross_entropy(logits, tokens, tokens >= 0)
         return ce, acc
 
-
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 

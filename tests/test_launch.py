@@ -11,21 +11,18 @@ import sys
 import pytest
 
 from muse_jax import sweep
+from tests.helpers import ROOT, run_command, run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu_train.sh")
 LOCAL = os.path.join(ROOT, "launch", "local_train.sh")
 EXAMPLE_SWEEP = os.path.join(ROOT, "configs", "sweeps", "shapes_lr.py")
 CONFIG = "configs/shapes_tiny.py"
 
 
-def _run(script: str, *args: str, path: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable)
-    if path is not None:
-        env["PATH"] = path
-    return subprocess.run(
-        ["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`bash SCRIPT ARGS` with this interpreter as $PYTHON and `env` over the environment."""
+    environ = dict(os.environ, PYTHON=sys.executable, **env)
+    return run_command(["bash", script, *args], env=environ, timeout=60)
 
 
 def _dry(script: str, *args: str) -> list[list[str]]:
@@ -194,9 +191,8 @@ def _calls(tmp_path) -> list[str]:
 
 
 def test_tpu_restarts_recreate_a_preempted_slice_and_rerun(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, **_fake_gcloud(tmp_path))
-    args = ["bash", TPU, f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t", "--restarts=1"]
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    args = [f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t", "--restarts=1"]
+    r = _run(TPU, *args, **_fake_gcloud(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "restart 1 of 1" in r.stderr
     # First attempt: create, copy, install, train (fails: preempted). Second: the preempted
@@ -206,9 +202,8 @@ def test_tpu_restarts_recreate_a_preempted_slice_and_rerun(tmp_path):
 
 
 def test_tpu_without_restarts_fails_with_the_commands_code(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, **_fake_gcloud(tmp_path))
-    args = ["bash", TPU, f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t"]
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    args = [f"--config={CONFIG}", "--workdir=gs://b/w", "--name=t"]
+    r = _run(TPU, *args, **_fake_gcloud(tmp_path))
     assert r.returncode == 255 and "restart 1" not in r.stderr
     assert _calls(tmp_path) == ["describe", "create", "scp", "ssh", "ssh"]
 
@@ -221,10 +216,10 @@ def test_tpu_without_gcloud_fails_in_one_line(tmp_path):
         target = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
         if target:
             os.symlink(target, bin_dir / tool)
-    r = _run(TPU, f"--config={CONFIG}", "--workdir=gs://b/w", path=str(bin_dir))
+    r = _run(TPU, f"--config={CONFIG}", "--workdir=gs://b/w", PATH=str(bin_dir))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: gcloud not found")
-    r = _run(TPU, "--dry-run", f"--config={CONFIG}", "--workdir=gs://b/w", path=str(bin_dir))
+    r = _run(TPU, "--dry-run", f"--config={CONFIG}", "--workdir=gs://b/w", PATH=str(bin_dir))
     assert r.returncode == 0 and "gcloud compute tpus tpu-vm ssh" in r.stdout  # No gcloud needed.
 
 
@@ -332,12 +327,7 @@ def test_cli_output(tmp_path):
         "def get_sweep():\n"
         "    return product(axis('seed', [0, 1]), axis('sampling.negative_prompt', ['a b']))\n",
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "muse_jax.sweep", path, f"--config={CONFIG}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("muse_jax.sweep", path, f"--config={CONFIG}")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "seed0\t--config.seed=0 '--config.sampling.negative_prompt=a b'",
@@ -364,9 +354,7 @@ def test_errors(tmp_path, body, message):
     path = str(tmp_path / "missing.py") if body is None else _write(tmp_path, body)
     with pytest.raises(sweep.SweepError, match=re.escape(message)):
         sweep.expand(path)
-    r = subprocess.run(
-        [sys.executable, "-m", "muse_jax.sweep", path], cwd=ROOT, capture_output=True, text=True
-    )
+    r = run_module("muse_jax.sweep", path)
     assert r.returncode == 2 and r.stdout == ""
     assert (
         r.stderr == f"error: {r.stderr[7:]}" and message in r.stderr and r.stderr.count("\n") == 1

@@ -5,14 +5,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from muse_jax import checkpoints
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, start_python
 
 
 def _free_port() -> int:
@@ -24,16 +22,8 @@ def _free_port() -> int:
 def _start(script: str, *args: str) -> list[subprocess.Popen]:
     """Processes 0 and 1 of `tests/<script>`, joined through a fresh coordinator port."""
     port = str(_free_port())
-    return [
-        subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", script), str(i), port, *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    path = os.path.join(ROOT, "tests", script)
+    return [start_python(path, str(i), port, *args) for i in range(2)]
 
 
 def _results(procs: list[subprocess.Popen], timeout: float) -> tuple[list[dict], list[str]]:

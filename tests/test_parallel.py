@@ -2,32 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from muse_jax import parallel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, run_python
 
 
 def _run(check: str, tmp_path) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tests", "multidevice_checks.py"),
-            check,
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    script = os.path.join(ROOT, "tests", "multidevice_checks.py")
+    proc = run_python(script, check, str(tmp_path), env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT ") :])

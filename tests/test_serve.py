@@ -9,7 +9,6 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, start_python
+
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a large red circle in the center"
 NUM_IMAGES = 4  # One count everywhere: the in-process pipeline compiles one program.
@@ -307,17 +307,16 @@ def _wait_until_up(proc, url: str, log_path: str, timeout: float = 180.0) -> Non
 def test_the_page_in_a_browser(pipe, model_dir, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     from muse_jax.data import shapes
-    from muse_jax.eval import alignment
+    from muse_jax.data import shapes_alignment as alignment
     from muse_jax.inference.images import preview_grid
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     log_path = str(tmp_path / "serve.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "muse_jax.serve", f"--model={model_dir}", f"--port={port}"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc = start_python(
+            "-m", "muse_jax.serve", f"--model={model_dir}", f"--port={port}", stdout=log
+        )
     try:
         _wait_until_up(proc, url, log_path)
         with sync_api.sync_playwright() as p:

@@ -18,6 +18,7 @@ from muse_jax.train.base_stage import BaseStage
 from muse_jax.train.decoder_stage import DecoderStage
 from muse_jax.train.superres_stage import SuperResStage
 from muse_jax.train.tokenizer_stage import SuperResTokenizerStage, TokenizerStage
+from tests.helpers import ROOT, run_module
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +231,6 @@ def test_new_stages_resume_exactly_where_they_stopped(trained_cascade, tmp_path,
 
 @pytest.mark.slow
 def test_inpainting_through_the_cascade_keeps_unmasked_tokens_and_pixels(trained_cascade, tmp_path):
-    import subprocess
-    import sys
-
     from PIL import Image
 
     from muse_jax.data import shapes
@@ -262,16 +260,12 @@ def test_inpainting_through_the_cascade_keeps_unmasked_tokens_and_pixels(trained
 
     Image.fromarray(shapes.render(scene, hr)).save(tmp_path / "in.png")
     Image.fromarray((mask[0] * 255).astype(np.uint8)).save(tmp_path / "mask.png")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "muse_jax.edit",
-            f"--config={os.path.join(root, 'configs', 'shapes_tiny.py')}:smoke",
-            f"--workdir={workdir}", f"--image={tmp_path / 'in.png'}",
-            f"--mask={tmp_path / 'mask.png'}", "--prompt=a large blue circle in the center",
-            "--num_samples=1", f"--output_dir={tmp_path / 'out'}",
-        ],
-        cwd=root, capture_output=True, text=True, timeout=600,
+    proc = run_module(
+        "muse_jax.edit",
+        f"--config={os.path.join(ROOT, 'configs', 'shapes_tiny.py')}:smoke",
+        f"--workdir={workdir}", f"--image={tmp_path / 'in.png'}",
+        f"--mask={tmp_path / 'mask.png'}", "--prompt=a large blue circle in the center",
+        "--num_samples=1", f"--output_dir={tmp_path / 'out'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.asarray(Image.open(tmp_path / "out" / "edit_000.png")).shape == (hr, hr, 3)

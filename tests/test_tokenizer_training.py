@@ -4,26 +4,15 @@ import jax
 import numpy as np
 
 from muse_jax import parallel
-from muse_jax.data import shapes
 from muse_jax.train.tokenizer_stage import TokenizerStage
+from tests.helpers import shapes_images
 
 
 def test_tokenizer_overfits_a_small_batch(smoke_config, tmp_path):
     smoke_config.tokenizer.train.num_steps = 150
     smoke_config.tokenizer.train.optimizer.learning_rate = 3e-3
     stage = TokenizerStage(smoke_config, str(tmp_path))
-    images = (
-        np.stack(
-            [
-                shapes.generate_example(
-                    0, "train", i, image_size=32, held_out=(), two_object_prob=0.3
-                )[0]
-                for i in range(8)
-            ]
-        ).astype(np.float32)
-        / 127.5
-        - 1
-    )
+    images = shapes_images()
     mesh = parallel.create_mesh(smoke_config)
     rules = parallel.rules(smoke_config)
     state, _, _ = parallel.jit_init(stage.init, jax.random.PRNGKey(0), mesh, rules)

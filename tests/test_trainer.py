@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,21 +11,13 @@ import pytest
 from muse_jax import checkpoints, compilation_cache, parallel
 from muse_jax.train import summaries, trainer
 from muse_jax.train.tokenizer_stage import TokenizerStage
-from tests.processes import sigterm_after
+from tests.helpers import ROOT, child_env, run_module, sigterm_after
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
 
 
 def _run(args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "muse_jax.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
+    return run_module("muse_jax.train", *args, **kw)
 
 
 def test_bad_config_key_fails_with_one_clear_line(tmp_path):
@@ -308,9 +298,7 @@ def test_a_restarted_stage_on_gs_loads_its_train_step_from_the_compilation_cache
     from tests.gcs_emulator import gcs_emulator
 
     with gcs_emulator() as gcs:
-        env = dict(
-            os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_DEBUG_LOG_MODULES="jax._src.compiler"
-        )
+        env = child_env(**gcs.env, JAX_DEBUG_LOG_MODULES="jax._src.compiler")
         args = [
             f"--config={CONFIG}:smoke",
             "--config.stage=tokenizer",

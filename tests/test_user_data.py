@@ -10,8 +10,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 
 import ml_collections
@@ -22,9 +20,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from muse_jax.data import coco, image_text_tfds, ordering, preprocessing, records, tasks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.helpers import ROOT, run_module
 
 # ------------------------------------------------------------------------------ file helpers
 
@@ -650,19 +646,12 @@ def test_missing_or_empty_source_is_one_clear_error(tmp_path):
 
 def test_cli_reports_a_missing_source_in_one_line(tmp_path):
     missing = tmp_path / "no_such_dir"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "muse_jax.train",
-            f"--config={os.path.join(ROOT, 'configs', 'user_data.py')}:smoke",
-            "--config.stage=tokenizer",
-            f"--config.data.source_dir={missing}",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "muse_jax.train",
+        f"--config={os.path.join(ROOT, 'configs', 'user_data.py')}:smoke",
+        "--config.stage=tokenizer",
+        f"--config.data.source_dir={missing}",
+        f"--workdir={tmp_path}",
         timeout=300,
     )
     assert proc.returncode == 2

@@ -43,11 +43,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UVit2DModel  # noqa: E402
-from diffusers.models.modeling_utils import no_init_weights  # noqa: E402
 
 from muse_jax.convert import amused_configs, diffusers_uvit, tensors  # noqa: E402
 from muse_jax.convert.tensors import ConversionError  # noqa: E402
 from muse_jax.models import uvit  # noqa: E402
+from tests.helpers import random_diffusers_model  # noqa: E402
 
 # diffusers' tests/pipelines/amused/test_amused.py transformer (run there on a 4x4 grid).
 DUMMY = dict(
@@ -99,25 +99,9 @@ TOL = 1e-4
 
 
 def _random_diffusers(cfg: dict, seed: int) -> UVit2DModel:
-    """A UVit2DModel with every parameter drawn: weights N(0, 1/fan_in), norm scales 1 + noise,
-    biases and GRN gamma/beta noise. Values come from one seeded pool at random offsets
-    (drawing 600M numbers one by one is what makes torch's own init slow)."""
-    with no_init_weights():
-        model = UVit2DModel(**cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    largest = max(p.numel() for p in model.parameters())
-    pool = torch.randn(largest + 4096, generator=gen)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            start = int(torch.randint(0, pool.numel() - p.numel() + 1, (), generator=gen))
-            noise = pool[start : start + p.numel()].view(p.shape)
-            if name.endswith(("channelwise_norm.gamma", "channelwise_norm.beta", ".bias")):
-                p.copy_(0.3 * noise)
-            elif p.ndim == 1:  # norm scales
-                p.copy_(1 + 0.3 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-    return model
+    """A UVit2DModel with every parameter drawn (norm scales 1 + 0.3 N(0, 1); biases and GRN
+    gamma/beta, its only `.gamma`/`.beta` tensors, 0.3 N(0, 1)): see `random_diffusers_model`."""
+    return random_diffusers_model(UVit2DModel, cfg, seed, noise=0.3)
 
 
 def _inputs(cfg: dict, grid: int, batch: int, text_len: int, seed: int) -> dict[str, np.ndarray]:

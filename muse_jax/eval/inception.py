@@ -43,7 +43,7 @@ _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _HEAD_SHAPES = {"fc.weight": (NUM_CLASSES, FEATURE_DIM), "fc.bias": (NUM_CLASSES,)}
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A weights file does not hold the FID Inception network."""
 
 

@@ -32,7 +32,7 @@ _TEXT_ONLY_DATA_KEYS = frozenset(
 )
 
 
-class MetricConfigError(ValueError):
+class MetricConfigError(UsageError):
     """A metric's config is incomplete (e.g. no weights file): one line naming the key to set."""
 
 

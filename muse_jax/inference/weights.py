@@ -18,11 +18,12 @@ import safetensors.numpy
 from flax import traverse_util
 
 from muse_jax import storage
+from muse_jax.errors import UsageError
 
 _BF16_KEY = "muse_jax.bfloat16"
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A weights file does not hold the arrays its config describes."""
 
 

@@ -59,11 +59,11 @@ def caption_hash(caption: str) -> int:
     )
 
 
-class UnknownCaptionError(ValueError):
+class UnknownCaptionError(UsageError):
     """A caption that was never embedded; `str()` is one line naming it and the fix."""
 
 
-class HashCollisionError(ValueError):
+class HashCollisionError(UsageError):
     """Two different captions with the same 64-bit key; raised at write time."""
 
 

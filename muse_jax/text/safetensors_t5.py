@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from muse_jax.errors import UsageError
 from muse_jax.models import t5
 
 CONFIG_FILE = "config.json"
@@ -32,7 +33,7 @@ _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 _EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint does not match the encoder it is being loaded into."""
 
 

@@ -7,6 +7,7 @@ the same model serves as the unconditional branch of classifier-free guidance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +63,11 @@ class BaseStage(stage.Stage):
         self.transformer = self.build_transformer()
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self.empty = {k: jnp.asarray(v) for k, v in self.conditioner.encode([""]).items()}
-        self.sampler = self.build_sampler()
+
+    @functools.cached_property
+    def sampler(self):
+        """The stage's sampler, built on first use (after every subclass's constructor)."""
+        return self.build_sampler()
 
     def build_transformer(self):
         return factory.base_transformer(self.config)
@@ -141,9 +146,6 @@ class BaseStage(stage.Stage):
         if abstract:
             return shapes
         return loading.load_text_encoder(self.config, shapes, shardings)
-
-    def data_stats(self) -> dict[str, float]:
-        return tasks.data_stats(self.config, self.workdir)
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         spec = {}
@@ -229,13 +231,12 @@ class BaseStage(stage.Stage):
             return self.loss(params, frozen, inputs, tokens, masked, text, inputs_kw, dropout_rng)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, grad_norm = stage.apply_gradients(self.tx, state, grads)
         metrics = {
             "loss": loss,
             "masked_accuracy": acc,
             "mask_rate": jnp.mean(masked.astype(jnp.float32)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.global_norm(params),
         }
         return state.replace(

@@ -93,9 +93,6 @@ class DecoderStage(stage.Stage):
         vq = self._tokenizer_params(mesh, axis_rules, abstract)
         return {"encoder": vq["encoder"], "quantizer": vq["quantizer"], "plain": vq}
 
-    def data_stats(self) -> dict[str, float]:
-        return tasks.data_stats(self.config, self.workdir)
-
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch_size, self.image_size, self.image_size, 3)
         return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
@@ -139,12 +136,11 @@ class DecoderStage(stage.Stage):
             return reconstruction_loss(lc, self.disc, params, recon, x, 1.0)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, grad_norm = stage.apply_gradients(self.tx, state, grads)
         metrics = {
             "loss": loss,
             "psnr": losses.psnr(aux["l2"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.global_norm(params),
             **aux,
         }

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from clu import metric_writers
 
 from muse_jax import stages, storage
@@ -91,7 +92,9 @@ class Stage(abc.ABC):
     def data_stats(self) -> dict[str, float]:
         """Scalars about the training data (e.g. records skipped at build time), written once
         at the start step as `data/...`; building the data here also fails fast on a bad source."""
-        return {}
+        from muse_jax.data import tasks
+
+        return tasks.data_stats(self.config, self.workdir)
 
     def init_from_model(self, state: TrainState, component: str, keys: tuple[str, ...]):
         """`state` with its parameters `keys` replaced by those of stage `component` of the
@@ -142,6 +145,12 @@ class Stage(abc.ABC):
 
 
 MODEL_PREFIX = "model:"
+
+
+def apply_gradients(tx, state: TrainState, grads: Any) -> tuple[Any, Any, jax.Array]:
+    """The tail every train step shares: (new params, new optimizer state, gradient norm)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, optax.global_norm(grads)
 
 
 @functools.cache

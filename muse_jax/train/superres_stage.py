@@ -27,8 +27,8 @@ class SuperResStage(BaseStage):
     image_keys = ("image", "image_hr")
 
     def __init__(self, config, workdir: str, conditioner=None):
-        self.hr_tokenizer = factory.superres_tokenizer(config)
         super().__init__(config, workdir, conditioner)
+        self.hr_tokenizer = factory.superres_tokenizer(config)
         self._tokenize_low = jax.jit(
             lambda p, x: self.tokenizer.apply({"params": p}, x, method=self.tokenizer.tokenize)
         )
@@ -83,9 +83,7 @@ class SuperResStage(BaseStage):
         captions = [c.decode() for c in b["caption"]]
         low = self._tokenize_low(frozen["tokenizer"], b["image"])
         cond = self.conditioner.encode(captions)
-        uncond = {
-            k: np.repeat(v, len(captions), 0) for k, v in self.conditioner.encode([""]).items()
-        }
+        uncond = {k: np.repeat(v, len(captions), 0) for k, v in self.empty.items()}
         out = self.sampler(
             self.sampler_params(state.params, frozen),
             cond,

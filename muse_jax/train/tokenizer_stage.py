@@ -119,9 +119,6 @@ class TokenizerStage(stage.Stage):
             )
         return self.init_from_model(state, "tokenizer", ("vq",))
 
-    def data_stats(self) -> dict[str, float]:
-        return tasks.data_stats(self.config, self.workdir)
-
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch_size, self.image_size, self.image_size, 3)
         return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
@@ -155,15 +152,14 @@ class TokenizerStage(stage.Stage):
             return loss, (aux, ids, q["encodings"])
 
         (loss, (aux, ids, enc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, grad_norm = stage.apply_gradients(self.tx, state, grads)
         params, usage = self._restart_dead_codes(params, state, ids, enc, restart_rng)
 
         metrics = {
             "loss": loss,
             "psnr": losses.psnr(aux["l2"]),
             "codebook_usage": jnp.mean(usage > 0.1 / usage.shape[0]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.global_norm(params),
             **aux,
         }
