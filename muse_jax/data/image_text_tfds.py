@@ -18,12 +18,14 @@ source files, so changed options or new shards build a separate dataset.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import os
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -211,12 +213,46 @@ def _sizes_path(builder, split: str) -> epath.Path:
     return epath.Path(builder.data_dir) / f"sizes-{split}.npy"
 
 
+class _WithoutTfdsNotices(io.TextIOBase):
+    """A stdout that drops TFDS's "Downloading and preparing dataset" and "downloaded and
+    prepared" lines (nothing is downloaded here) and passes every other line on."""
+
+    _NOTICES = ("Downloading and preparing dataset", "Dataset ")
+
+    def __init__(self, out):
+        self._out, self._line = out, ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *done, self._line = self._line.split("\n")
+        for line in done:
+            notice = line.startswith(self._NOTICES[0]) or (
+                line.startswith(self._NOTICES[1]) and "downloaded and prepared to" in line
+            )
+            if not notice:
+                self._out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def download_and_prepare(builder) -> None:
+    """`builder.download_and_prepare()`, quietly: no progress bar, no download notices."""
+    tfds.disable_progress_bar()
+    quiet = _WithoutTfdsNotices(sys.stdout)
+    with contextlib.redirect_stdout(quiet):
+        builder.download_and_prepare()
+    if quiet._line:
+        sys.stdout.write(quiet._line)
+
+
 def prepare(builder: ImageTextBuilder, build_workers: int = 2) -> None:
     """Builds the dataset (once) and its per-record size table."""
     if not builder.is_prepared():
-        tfds.disable_progress_bar()
+        print(f"[data] building the image-text dataset in {builder.data_dir} ...", flush=True)
         builder.build_workers = build_workers
-        builder.download_and_prepare()
+        download_and_prepare(builder)
     for split in builder.info.splits:
         path = _sizes_path(builder, split)
         if storage.exists(path):

@@ -100,8 +100,8 @@ def _shapes_builder(config, data_root: str) -> tfds.core.DatasetBuilder:
 def _build_shapes(builder) -> None:
     if not builder.is_prepared():
         print(f"[data] building the shapes dataset in {builder.data_dir} ...", flush=True)
-        tfds.disable_progress_bar()
-        builder.download_and_prepare()  # Once: the config name hashes every parameter.
+        # Once: the config name hashes every parameter.
+        image_text_tfds.download_and_prepare(builder)
 
 
 def _source_specs(config) -> list[tuple[str, str, dict, float]]:
