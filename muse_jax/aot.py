@@ -35,10 +35,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from muse_jax import tpu
+from muse_jax import stages, tpu
 from muse_jax.errors import UsageError
 
-TRAIN_PROGRAMS = ("tokenizer", "base", "superres_tokenizer", "superres", "decoder")
+TRAIN_PROGRAMS = stages.NAMES  # One train program per registered stage.
 TEXT_STAGES = ("base", "superres")
 TEXT_ROUTES = ("precomputed", "graph")
 GiB = tpu.GiB
@@ -384,8 +384,6 @@ def format_result(r: Result) -> str:
 
 def planned_programs(config, programs: Sequence[str], routes: Sequence[str]) -> list[tuple]:
     """[(label, kind, stage or cascade flag, text route)] in run order."""
-    from muse_jax import stages
-
     enabled = stages.enabled(config)
     out = []
     for name in programs:

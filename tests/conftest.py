@@ -41,11 +41,12 @@ def trained_cascade(trained_smoke, tmp_path_factory):
     the base stages, so tests of the one-stage path see exactly that)."""
     import shutil
 
+    from muse_jax import stages
     from muse_jax.train import trainer
 
     config, source = trained_smoke
     workdir = str(tmp_path_factory.mktemp("cascade") / "run")
     shutil.copytree(source, workdir)
-    for stage in ("superres_tokenizer", "superres", "decoder"):
+    for stage in stages.SUPERRES_STAGES:
         trainer.train(config, workdir, stage)
     return config, workdir

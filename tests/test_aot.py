@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_tiny
-from muse_jax import aot, compiled_stats, tpu
+from muse_jax import aot, compiled_stats, stages, tpu
 from tests.helpers import run_module
 
 LIBTPU_MISSING = tpu.libtpu_missing()
@@ -143,7 +143,7 @@ def test_batch_specs_are_the_batches_the_stages_yield(tmp_path):
     from muse_jax.train import stage as stage_lib
 
     config = shapes_tiny.get_config("smoke")
-    for name in ("tokenizer", "base", "superres_tokenizer", "superres", "decoder"):
+    for name in stages.NAMES:
         stage = stage_lib.get(name)(config, str(tmp_path))
         batch = parallel.device_entries(next(stage.batches(seed=0)))
         spec = stage.batch_spec(config[name].train.batch_size)
