@@ -39,9 +39,9 @@ def add_onednn_flags(environ: dict[str, str] | None = None) -> None:
 
 
 def import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with the C-level stderr silenced (its CUDA and logging-init notices),
-    so that later imports find it loaded. An import error is raised as usual, after stderr is
-    restored."""
+    """Imports TensorFlow with the C-level stderr silenced (its CUDA and logging-init notices)
+    and hides GPUs from it, so that later imports find it loaded and quiet. An import error is
+    raised as usual, after stderr is restored."""
     if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,7 +52,10 @@ def import_tensorflow_quietly() -> None:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
             try:
-                import tensorflow  # noqa: F401
+                import tensorflow as tf
+
+                # TF only feeds data: it probes no GPU later (the probe logs to the C stderr).
+                tf.config.set_visible_devices([], "GPU")
             finally:
                 os.dup2(saved, 2)
     finally:
