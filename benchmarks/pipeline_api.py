@@ -46,7 +46,7 @@ def main(argv):
     pipe = MusePipeline.from_pretrained(_MODEL.value)
     print(f"load: {time.perf_counter() - t:.2f} s, {len(compiles)} compiles")
     n = _BATCH.value
-    steps = int(pipe.config.sampling.num_steps)
+    steps = int(pipe.config.base.sampling.num_steps)
     calls = [
         ("first call", {}),
         ("guidance 3 -> 5", {"guidance_scale": 5.0}),

@@ -77,6 +77,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.base.train.steps_per_call = 1
     config.base.train.summary_every = 200
     config.base.train.checkpoint_every = 200
-    config.sampling = ml_collections.ConfigDict(model["sampling"])
+    config.base.sampling = ml_collections.ConfigDict(model["base"]["sampling"])
     config.eval.metrics = ()
     return config

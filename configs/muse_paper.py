@@ -181,6 +181,6 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
         )
     )
 
-    config.sampling.num_steps = 24  # "256 tokens using only 24 decoding steps" (section 3.5).
+    config.base.sampling.num_steps = 24  # "256 tokens using only 24 decoding steps" (section 3.5).
     config.mesh.shape.update(dict(data=1, fsdp=-1, tensor=1))
     return config

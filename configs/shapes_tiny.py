@@ -265,7 +265,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.decoder.train.optimizer.warmup_steps = 10
     config.superres.train.optimizer.warmup_steps = 30
 
-    config.sampling = ml_collections.ConfigDict(
+    # The base stage's sampler (the super-res stage's is config.superres.sampling).
+    config.base.sampling = ml_collections.ConfigDict(
         dict(
             num_steps=12,
             mask_schedule="cosine",
@@ -400,7 +401,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         stage.train.summary_every = 3
         stage.train.checkpoint_every = 3
         stage.train.optimizer.warmup_steps = 2
-    config.sampling.num_steps = 4
+    config.base.sampling.num_steps = 4
     config.eval.samples_per_prompt = 2
     config.eval.seen_prompts = list(SEEN_PROMPTS[:2])
     config.eval.held_out_prompts = list(HELD_OUT_PROMPTS[:1])

@@ -218,7 +218,7 @@ def sampler_program(config, mesh, batch_size: int, cascade: bool, route: str = "
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     base = model.base_sampler
     tokens = jax.ShapeDtypeStruct((batch_size, base.transformer.seq_len), jnp.int32, sharding=spec)
-    base_settings = Settings.from_config(config.sampling)
+    base_settings = Settings.from_config(config.base.sampling)
     if not cascade:
         args = (model.sampler_params(False), text, text, rng, tokens, None, base_settings)
         return base._jitted, args
@@ -467,7 +467,7 @@ def run(
             mesh = train_mesh
         else:
             batch = sampler_batch
-            steps = config.sampling.num_steps
+            steps = config.base.sampling.num_steps
             settings = {"steps": steps}
             if what:
                 settings["steps"] = f"{steps}+{config.superres.sampling.num_steps}"

@@ -16,7 +16,7 @@ white = re-generate, the size of the input image or of the model. Writes `edit_0
 (native size), `input.png` and `mask.png` (what the model saw), `grid.png` (enlarged: input,
 mask, edits) and `edit.json` (settings, checkpoint step, alignment score for shapes prompts).
 Guidance and negative prompts work in every mode: `--negative_prompt`,
-`--config.sampling.guidance_scale=3`.
+`--config.base.sampling.guidance_scale=3`.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main(argv):
     )
     n = _NUM.value
     scores = shapes_alignment.score_or_empty(out.array, [prompt] * n)
-    neg = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
+    neg = config.base.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
     record = {
         "mode": mode,
         "prompt": prompt,

@@ -10,7 +10,7 @@ r"""Binary: evaluates a trained experiment's checkpoints (FID, CLIP score, shape
   python -m muse_jax.evaluate --config=configs/shapes_tiny.py --workdir=runs/shapes \
       --stages=base --watch --poll_s=60 --watch_timeout_s=7200
 
-Generates the evaluation set with the config's sampler settings (`config.sampling`, and
+Generates the evaluation set with the config's sampler settings (`config.base.sampling`, and
 `config.superres.sampling` for the cascade): the seen and held-out prompts x
 `eval.samples_per_prompt` (`eval.captions="prompts"`), or the first captions of
 `eval.num_images` records of `eval.split` (`eval.captions="dataset"`). Then computes the metrics

@@ -13,9 +13,9 @@ keeps the one-stage path. Writes `sample_000.png`, ... (native resolution), `gri
 (enlarged; with the cascade also `grid_base.png`, the base stage's own output) and
 `samples.json` (prompt, seed, checkpoint steps and, for prompts of the shapes grammar, the
 alignment score). Sampler settings are config keys, one block per stage:
-`--config.sampling.guidance_scale=3 --config.sampling.num_steps=24` (base),
+`--config.base.sampling.guidance_scale=3 --config.base.sampling.num_steps=24` (base),
 `--config.superres.sampling.num_steps=8 --config.superres.sampling.temperature=1` (super-res),
-`--config.sampling.negative_prompt="a blue square"`.
+`--config.base.sampling.negative_prompt="a blue square"`.
 
 Images are generated in batches of `--batch_size` and written as each batch finishes, so memory
 does not grow with `--num_samples`; a request over `--max_images` is refused before any work.

@@ -198,7 +198,7 @@ def _response(array, seconds: float) -> dict[str, Any]:
 def page_html(pipe, max_images: int) -> str:
     from muse_jax.serve_page import PAGE
 
-    sampling = pipe.config.sampling
+    sampling = pipe.config.base.sampling
     defaults = {
         "guidance_scale": float(sampling.get("guidance_scale", 3.0)),
         "num_steps": int(sampling.get("num_steps", 12)),

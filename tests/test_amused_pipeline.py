@@ -160,7 +160,7 @@ def test_sampler_chooses_diffusers_tokens_and_pixels(amused, monkeypatch):
     ref_tokens, ref_pixels = _diffusers_tokens(pipe, monkeypatch)
     model = model_lib.from_exported(out, stages="base")
     settings = Settings.from_config(
-        model.config.sampling,
+        model.config.base.sampling,
         num_steps=STEPS,
         temperature=0.0,
         temperature_final=0.0,

@@ -90,7 +90,7 @@ def test_guidance_temperature_and_seed_compile_nothing_new(exported):
     second = pipe(PROMPTS, guidance_scale=5.5, temperature=0.7, seed=1)
     third = pipe(PROMPTS, guidance_scale=1.25, temperature=1.3, seed=2, negative_prompt="a cat")
     # The config's own schedule given explicitly: the same images, no compile.
-    sampling = pipe.config.sampling
+    sampling = pipe.config.base.sampling
     schedule = (sampling.temperature, sampling.temperature_final)
     same = pipe(PROMPTS, guidance_scale=3.0, temperature=schedule, seed=0)
     np.testing.assert_array_equal(same.array, pipe(PROMPTS, guidance_scale=3.0, seed=0).array)

@@ -61,7 +61,7 @@ def test_tpu_dry_run_commands():
         "--workdir=gs://bucket/muse",
         "--stage=tokenizer,base",
         "--config.base.train.num_steps=5000",
-        "--config.sampling.negative_prompt",
+        "--config.base.sampling.negative_prompt",
         "a blue 'square'",
     )
     create, tar, scp, install, tok, base = lines
@@ -88,7 +88,7 @@ def test_tpu_dry_run_commands():
             "--workdir=gs://bucket/muse",
             f"--config.stage={stage}",
             "--config.base.train.num_steps=5000",
-            "--config.sampling.negative_prompt=a blue 'square'",  # One word, quotes intact.
+            "--config.base.sampling.negative_prompt=a blue 'square'",  # One word, quotes intact.
         ]
 
 
@@ -325,13 +325,13 @@ def test_cli_output(tmp_path):
         tmp_path,
         "from muse_jax.sweep import axis, product\n"
         "def get_sweep():\n"
-        "    return product(axis('seed', [0, 1]), axis('sampling.negative_prompt', ['a b']))\n",
+        "    return product(axis('seed', [0, 1]), axis('base.sampling.negative_prompt', ['a b']))\n",
     )
     r = run_module("muse_jax.sweep", path, f"--config={CONFIG}")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "seed0\t--config.seed=0 '--config.sampling.negative_prompt=a b'",
-        "seed1\t--config.seed=1 '--config.sampling.negative_prompt=a b'",
+        "seed0\t--config.seed=0 '--config.base.sampling.negative_prompt=a b'",
+        "seed1\t--config.seed=1 '--config.base.sampling.negative_prompt=a b'",
     ]
 
 

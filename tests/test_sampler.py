@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 def _sampler(base, **overrides):
     from muse_jax.sampling.sampler import MuseSampler
 
-    cfg = base.config.sampling.copy_and_resolve_references()
+    cfg = base.config.base.sampling.copy_and_resolve_references()
     for k, v in overrides.items():
         cfg[k] = v
     return MuseSampler(base.transformer, base.text_encoder, base.tokenizer, cfg)
@@ -56,7 +56,7 @@ def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
     out = _sampler(base)(params, cond, uncond, jax.random.PRNGKey(0))
     assert out.images.shape == (3, config.data.image_size, config.data.image_size, 3)
     assert np.all(np.asarray(out.tokens) < base.transformer.vocab_size)
-    assert out.num_masked.shape == (config.sampling.num_steps, 3)
+    assert out.num_masked.shape == (config.base.sampling.num_steps, 3)
     assert np.all(np.asarray(out.num_masked)[-1] == 0)
 
 
@@ -75,7 +75,7 @@ def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     fn = lambda t, s: tr.apply(
         {"params": params["transformer"]}, t, kv, jnp.asarray(cond["text_mask"]), method=tr.logits
     )
-    cfg = base.config.sampling
+    cfg = base.config.base.sampling
     manual = parallel_decode.decode(
         jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32),
         rng,

@@ -17,5 +17,5 @@ from muse_jax.sweep import axis, product
 def get_sweep():
     return product(
         axis("base.train.optimizer.learning_rate", [5e-4, 1e-3, 2e-3]),
-        axis("sampling.guidance_scale", [1.0, 3.0]),
+        axis("base.sampling.guidance_scale", [1.0, 3.0]),
     )

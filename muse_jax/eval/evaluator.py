@@ -229,7 +229,7 @@ class Evaluator:
             "num_images": count,
             "image_size": image_size,
             "eval": self.config.eval.to_dict(),
-            "sampling": self.config.sampling.to_dict(),
+            "sampling": self.config.base.sampling.to_dict(),
             "wall_s": wall,
             "s_per_1k_images": {k: 1000 * v / count for k, v in wall.items() if k != "load"},
             "setup_s": dict(self.setup_s),  # One-time: weights, FID reference statistics.

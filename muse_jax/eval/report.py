@@ -39,7 +39,7 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
     step = steps["superres"] if cascade else steps["base"]
     writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
-    report: dict = {"steps": steps, "sampling": config.sampling.to_dict(), "cascade": cascade}
+    report: dict = {"steps": steps, "sampling": config.base.sampling.to_dict(), "cascade": cascade}
     if cascade:
         report["superres_sampling"] = config.superres.sampling.to_dict()
     every = alignment_eval.generate(pipe, every_prompt, samples_per_prompt=n, seed=1)

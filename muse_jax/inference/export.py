@@ -32,10 +32,10 @@ _KEYS = {
     "tokenizer": ("model",),
     "superres_tokenizer": ("model",),
     "decoder": ("model",),
-    "base": ("model", "text_encoder", "text_embeddings"),
+    "base": ("model", "sampling", "text_encoder", "text_embeddings"),
     "superres": ("model", "sampling"),
 }
-_TOP = ("sampling", "mesh")
+_TOP = ("mesh",)
 
 
 def sampling_config(config, vocabulary: str) -> dict[str, Any]:

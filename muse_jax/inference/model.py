@@ -172,7 +172,7 @@ def load(
             p["text_encoder"] = stage_params[stage].get("text_encoder", frozen_text)
         return p
 
-    base = MuseSampler(mods.base, mods.text_encoder, mods.tokenizer, config.sampling)
+    base = MuseSampler(mods.base, mods.text_encoder, mods.tokenizer, config.base.sampling)
     params = {"base": sampler_params("base", stage_params["tokenizer"]["vq"])}
     model = Model(config, mods, conditioner, params, stage_params, steps, base)
     if cascade:
@@ -269,7 +269,10 @@ def read_manifest(directory: str) -> dict[str, Any]:
 
 def exported_config(directory: str, manifest: dict[str, Any]) -> ml_collections.ConfigDict:
     """config.json's model config, with the vocabulary file resolved inside `directory`."""
-    config = ml_collections.ConfigDict(manifest["config"])
+    raw = dict(manifest["config"])
+    if "sampling" in raw:  # Directories written before sampling moved into config.base.
+        raw["base"] = {**raw.get("base", {}), "sampling": raw.pop("sampling")}
+    config = ml_collections.ConfigDict(raw)
     config.data.data_dir = ""  # Read by nothing: the vocabulary is a file or bytes.
     vocab = config.data.get("vocabulary", "byte")
     if vocab.startswith(CLIP_PREFIX):

@@ -183,7 +183,7 @@ class MusePipeline:
         if isinstance(temperature, tuple | list):
             first, last = temperature
         base = Settings.from_config(
-            self.config.sampling,
+            self.config.base.sampling,
             guidance_scale=guidance_scale,
             num_steps=num_steps,
             temperature=first,
@@ -205,7 +205,7 @@ class MusePipeline:
                 f"{MAX_PROMPT_CHARS} are accepted."
             )
         cond_enc = self.model.conditioner
-        neg = self.config.sampling.negative_prompt if negative is None else negative
+        neg = self.config.base.sampling.negative_prompt if negative is None else negative
         cond = cond_enc.encode(captions)
         uncond = {k: np.repeat(v, len(captions), 0) for k, v in cond_enc.encode([neg]).items()}
         return _pad_rows(cond, rows), _pad_rows(uncond, rows)

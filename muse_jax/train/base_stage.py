@@ -74,7 +74,7 @@ class BaseStage(stage.Stage):
 
     def build_sampler(self) -> MuseSampler:
         return MuseSampler(
-            self.transformer, self.text_encoder, self.tokenizer, self.config.sampling
+            self.transformer, self.text_encoder, self.tokenizer, self.stage_config.sampling
         )
 
     def init_inputs(self) -> dict[str, jax.Array]:
