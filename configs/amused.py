@@ -52,6 +52,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     with open(manifest_path) as f:
         model = json.load(f)["config"]
+    # Directories converted before kept the text encoder under `base`, sampling at the top.
+    text_block = model.get("text_encoder") or model["base"]["text_encoder"]
+    sampling = model["base"].get("sampling") or model["sampling"]
     config = shapes_tiny.get_config()
     for name in ("superres_tokenizer", "superres", "decoder"):
         del config[name]
@@ -67,9 +70,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.tokenizer.train.num_steps = 0
 
     config.base.model = ml_collections.ConfigDict(model["base"]["model"])
-    text = ml_collections.ConfigDict(model["base"]["text_encoder"])
+    text = ml_collections.ConfigDict(text_block)
     text.checkpoint = _inside(directory, text.checkpoint)
-    config.base.text_encoder = text
+    config.text_encoder = text
     config.base.init_from = f"model:{directory}"
     config.base.label_smoothing = 0.0
     config.base.train = shapes_tiny._train(batch_size=8, num_steps=1000, lr=1e-5)
@@ -77,6 +80,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.base.train.steps_per_call = 1
     config.base.train.summary_every = 200
     config.base.train.checkpoint_every = 200
-    config.base.sampling = ml_collections.ConfigDict(model["base"]["sampling"])
+    config.base.sampling = ml_collections.ConfigDict(sampling)
     config.eval.metrics = ()
     return config

@@ -10,11 +10,11 @@ and launch on a pod slice (precomputed T5-XXL embeddings, the paper's setting):
 
   python -m muse_jax.embed --config=configs/muse_paper.py:3b --workdir=gs://B/muse3b \
       --output_dir=gs://B/muse3b/text_emb --config.data.dataset=... \
-      --config.base.text_encoder.checkpoint=/ckpt/t5_1_1_xxl --config.data.vocabulary=/ckpt/spiece.model
+      --config.text_encoder.checkpoint=/ckpt/t5_1_1_xxl --config.data.vocabulary=/ckpt/spiece.model
   python -m muse_jax.train --config=configs/muse_paper.py:3b --workdir=gs://B/muse3b \
       --config.stage=tokenizer --config.data.dataset=...
   python -m muse_jax.train --config=configs/muse_paper.py:3b --workdir=gs://B/muse3b \
-      --config.stage=base --config.base.text_embeddings=gs://B/muse3b/text_emb \
+      --config.stage=base --config.text_embeddings=gs://B/muse3b/text_emb \
       --config.mesh.shape.data=1 --config.mesh.shape.fsdp=32
 
 Sources (the paper's LaTeX source, appendix tables "Configuration and training hyperparameters
@@ -121,9 +121,7 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
     # "Compiled for TPU: what fits where"): each block recomputes its activations in the
     # backward pass, and one compiled layer body serves the whole stack.
     config.base.model.update(dict(remat="full", scan_layers=True))
-    config.base.text_encoder.update(
-        dict(name="t5", preset="xxl", trainable=False, dtype="bfloat16")
-    )
+    config.text_encoder.update(dict(name="t5", preset="xxl", trainable=False, dtype="bfloat16"))
     config.base.train = shapes_tiny._train(batch_size=512, num_steps=1_500_000, lr=1e-4)
     # The paper trains with Adafactor; AdamW with its momentum/decay settings is what
     # muse_jax.sizing counts (2 float32 moments per parameter). Override name=adafactor to save them.

@@ -140,6 +140,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
 
+    # The text encoder every transformer stage shares (the base and super-res stages; a
+    # trainable one gets its own weights in each).
+    config.text_encoder = ml_collections.ConfigDict(
+        dict(
+            name="tiny",  # "tiny" (trained with the base model) or "t5".
+            width=128,
+            depth=2,
+            num_heads=4,
+            mlp_dim=256,
+            trainable=True,
+            # For name="t5": a preset of muse_jax.models.t5 and a T5X or safetensors
+            # checkpoint (frozen: trainable=False); data.vocabulary = its .model file.
+            preset="small",
+            checkpoint="",
+            dtype="float32",
+            attention="auto",  # The tiny encoder's (T5 has its own attention).
+        )
+    )
+    # A directory written by `python -m muse_jax.embed`: train on precomputed text embeddings
+    # instead of running the text encoder (the paper's T5-XXL setting).
+    config.text_embeddings = ""
+
     config.base = ml_collections.ConfigDict(
         dict(
             model=ml_collections.ConfigDict(
@@ -162,28 +184,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     scan_layers=False,
                 )
             ),
-            text_encoder=ml_collections.ConfigDict(
-                dict(
-                    name="tiny",  # "tiny" (trained with the base model) or "t5".
-                    width=128,
-                    depth=2,
-                    num_heads=4,
-                    mlp_dim=256,
-                    trainable=True,
-                    # For name="t5": a preset of muse_jax.models.t5 and a T5X or safetensors
-                    # checkpoint (frozen: trainable=False); data.vocabulary = its .model file.
-                    preset="small",
-                    checkpoint="",
-                    dtype="float32",
-                    attention="auto",  # The tiny encoder's (T5 has its own attention).
-                )
-            ),
             mask_schedule="cosine",
             cond_dropout=0.1,
             label_smoothing=0.1,
-            # A directory written by `python -m muse_jax.embed`: train on precomputed text
-            # embeddings instead of running the text encoder (the paper's T5-XXL setting).
-            text_embeddings="",
             train=_train(batch_size=64, num_steps=600, lr=1e-3),
         )
     )
@@ -378,10 +381,10 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     config.base.model.depth = 1
     config.base.model.num_heads = 2
     config.base.model.mlp_dim = 64
-    config.base.text_encoder.width = 32
-    config.base.text_encoder.depth = 1
-    config.base.text_encoder.num_heads = 2
-    config.base.text_encoder.mlp_dim = 64
+    config.text_encoder.width = 32
+    config.text_encoder.depth = 1
+    config.text_encoder.num_heads = 2
+    config.text_encoder.mlp_dim = 64
     config.data.hr_image_size = 64
     config.superres_tokenizer.model.update(config.tokenizer.model)
     config.superres.model.update(dict(width=32, depth=1, lowres_depth=1, num_heads=2, mlp_dim=64))

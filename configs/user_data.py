@@ -78,7 +78,7 @@ def data_config(dataset: str = "image_folder") -> ml_collections.ConfigDict:
             hr_image_size=64,  # The super-res stage's resolution, from the same crop. 0: none.
             text_length=64,  # Caption tokens incl. EOS; longer captions are cut.
             # "byte" (no model file needed) or a SentencePiece .model path, e.g. T5's
-            # spiece.model for a T5 text encoder (config.base.text_encoder.name="t5").
+            # spiece.model for a T5 text encoder (config.text_encoder.name="t5").
             vocabulary="byte",
             # dataset="mixture": {name: {dataset, source_dir, rate, and any per-source key
             # above (captions_file, layout, coco_year, max_image_size, test_fraction,

@@ -1,8 +1,8 @@
 r"""Binary: precomputes text embeddings of a dataset's captions (and of prompts) once.
 
   python -m muse_jax.embed --config=configs/shapes_tiny.py --workdir=runs/t5 \
-      --config.base.text_encoder.name=t5 --config.base.text_encoder.preset=xxl \
-      --config.base.text_encoder.checkpoint=/ckpt/t5_xxl --config.data.vocabulary=/ckpt/spiece.model \
+      --config.text_encoder.name=t5 --config.text_encoder.preset=xxl \
+      --config.text_encoder.checkpoint=/ckpt/t5_xxl --config.data.vocabulary=/ckpt/spiece.model \
       --output_dir=runs/t5/text_emb [--prompts_file=prompts.txt] [--dtype=bfloat16]
 
 Every distinct caption of the given splits, the config's evaluation prompts, the empty prompt
@@ -10,7 +10,7 @@ Every distinct caption of the given splits, the config's evaluation prompts, the
 frozen text encoder and appended, `--chunk_size` at a time, to a caption-keyed table of bf16
 tensorstore arrays (`muse_jax/text/embeddings.py`; local or gs://). Rerunning skips what is
 already there: an interrupted run resumes after its last chunk, and new prompts are appended.
-Train on it with `--config.base.text_embeddings=<output_dir>`; the trainer reads only the rows
+Train on it with `--config.text_embeddings=<output_dir>`; the trainer reads only the rows
 of each batch.
 """
 

@@ -82,7 +82,7 @@ def shard_bytes(tree: Any, mesh_shape: Mapping[str, int], rules, dtype: Any | No
 
 
 def text_encoder_module(config) -> nn.Module:
-    t = config.base.text_encoder
+    t = config.text_encoder
     vocab = t5.get_config(t.preset).vocab_size if t.name == "t5" else 32128
     return factory.text_encoder(config, vocab)
 
@@ -181,9 +181,11 @@ def base_step_flops(config, batch_size: int) -> dict[str, float]:
     ctx_mask = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
     masked = jax.ShapeDtypeStruct((batch_size, s), jnp.bool_)
 
-    def loss(p, tok, c, cm, m):
+    smoothing = float(config.base.get("label_smoothing", 0.0))
+
+    def loss(p, tok, c, cm, m):  # The base stage's loss (`BaseStage.loss`), without dropout.
         logits = model.apply({"params": p}, tok, c, cm)
-        return losses.masked_cross_entropy(logits, tok, m, 0.1)[0]
+        return losses.masked_cross_entropy(logits, tok, m, smoothing)[0]
 
     def xla_flops(fn) -> float:
         cost = jax.jit(fn).lower(params, tokens, ctx, ctx_mask, masked).cost_analysis()
@@ -267,7 +269,7 @@ def base_memory(
 ) -> MemoryReport:
     """Per-device bytes of the base stage's train state on `mesh_shape` (see module docstring).
 
-    `text_in_graph` None: True unless `config.base.text_embeddings` is set (precomputed) or the
+    `text_in_graph` None: True unless `config.text_embeddings` is set (precomputed) or the
     text encoder is trainable (then it is counted in the parameters instead).
     """
     from muse_jax import parallel
@@ -275,13 +277,13 @@ def base_memory(
     rules = parallel.rules(config)
     abstract = abstract or abstract_params(config, ("base", "text_encoder"))
     params = {"transformer": abstract["base"]}
-    tcfg = config.base.text_encoder
+    tcfg = config.text_encoder
     if tcfg.trainable:
         params["text_encoder"] = abstract["text_encoder"]
     tx = optim.make(config.base.train.optimizer, config.base.train.num_steps)
     opt_state = jax.eval_shape(tx.init, params)
     if text_in_graph is None:
-        text_in_graph = not config.base.get("text_embeddings") and not tcfg.trainable
+        text_in_graph = not config.get("text_embeddings") and not tcfg.trainable
     text = (
         shard_bytes(abstract["text_encoder"], mesh_shape, rules, jnp.bfloat16)
         if text_in_graph
@@ -323,7 +325,7 @@ def param_table(config, abstract: Mapping[str, Any] | None = None) -> list[tuple
         sr = count(abstract["superres"])
         rows.append(("super-res tokenizer (f8 VQGAN)", count(abstract["superres_tokenizer"]), None))
         rows.append(("super-res (+ low-res encoder)", sr, paper.get("superres_params")))
-    t = config.base.text_encoder
+    t = config.text_encoder
     rows.append(
         (
             f"text encoder ({t.name} {t.preset if t.name == 't5' else ''})".replace(" )", ")"),

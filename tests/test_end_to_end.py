@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from muse_jax.train import summaries
-from tests.helpers import ROOT, run_module
+from tests.helpers import ROOT, run_module, run_python
 
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py") + ":smoke"
 
@@ -125,7 +125,7 @@ def test_sample_binary_runs_the_cascade_by_default(trained_cascade, tmp_path):
 
 
 @pytest.mark.slow
-def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cascade):
+def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cascade, tmp_path):
     from muse_jax.eval import reconstruction
     from muse_jax.eval import report as report_lib
 
@@ -143,6 +143,20 @@ def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cas
         scalars["alignment/base_seen/color"][6], report["seen"]["base_scores"]["color"], rtol=1e-6
     )
     assert "cascade" in report_lib.table(report)
+    # docs/make_pictures.py makes the README's pictures from this same run.
+    done = run_python(
+        "docs/make_pictures.py", f"--config={CONFIG}", f"--workdir={workdir}", f"--out={tmp_path}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    side = config.data.hr_image_size
+    widths = {"edit_inpaint.png": 6, "edit_outpaint.png": 5, "edit_maskfree.png": 5}
+    for name, count in widths.items():
+        picture = Image.open(tmp_path / name)
+        assert picture.size == (2 * (count * (side + 2) + 2), 2 * (side + 4)), name
+    copies = {"cascade_seen.png": "seen.png", "shapes_held_out.png": "base_held_out.png"}
+    for name, source in copies.items():
+        scored = os.path.join(workdir, "samples", source)
+        assert (tmp_path / name).read_bytes() == open(scored, "rb").read(), name
     psnr = reconstruction.decoder_psnr(config, workdir, max_images=20, batch_size=8)
     assert psnr["num_images"] == 20 and psnr["decoder_step"] == 6
     assert 0 < psnr["plain_db"] < 60 and 0 < psnr["finetuned_db"] < 60

@@ -34,7 +34,7 @@ def _t5_config(smoke_workdir: str, checkpoint: str):
     config = shapes_tiny.get_config("smoke")
     config.tokenizer_workdir = smoke_workdir
     config.data.data_dir = os.path.join(smoke_workdir, "data")
-    t = config.base.text_encoder
+    t = config.text_encoder
     t.name, t.preset, t.checkpoint, t.trainable = "t5", "tiny", checkpoint, False
     return config
 
@@ -93,7 +93,7 @@ def test_embed_writes_a_resumable_table_that_the_base_stage_trains_on(
     np.testing.assert_allclose(emb[real], direct[real], rtol=2e-2, atol=2e-2)
 
     # The base stage trains from the table, with no text encoder in its state.
-    config.base.text_embeddings = table_dir
+    config.text_embeddings = table_dir
     result = trainer.train(config, workdir, "base")
     assert result.status == "completed" and np.isfinite(result.metrics["loss"])
     pipe = MusePipeline.from_workdir(config, workdir, stages="base", batch_size=64)

@@ -94,10 +94,10 @@ def sampling_config(
                 vocabulary=CLIP_PREFIX + export.CLIP_TOKENIZER_DIR,
             ),
             tokenizer=dict(model=vq_block),
+            text_encoder=text_block,
+            text_embeddings="",
             base=dict(
                 model=uvit_block,
-                text_encoder=text_block,
-                text_embeddings="",
                 sampling=dict(
                     num_steps=12,
                     mask_schedule="cosine",

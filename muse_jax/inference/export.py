@@ -32,10 +32,10 @@ _KEYS = {
     "tokenizer": ("model",),
     "superres_tokenizer": ("model",),
     "decoder": ("model",),
-    "base": ("model", "sampling", "text_encoder", "text_embeddings"),
+    "base": ("model", "sampling"),
     "superres": ("model", "sampling"),
 }
-_TOP = ("mesh",)
+_TOP = ("text_encoder", "text_embeddings", "mesh")
 
 
 def sampling_config(config, vocabulary: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def _card(model: model_lib.Model, source: str, scores: dict | None, sizes: dict,
         if name in sizes:
             lines.append(f"| {name} | {step} | {name}.safetensors | {sizes[name] / 1e6:.2f} |")
     size = cfg.data.get("hr_image_size", 0) if model.cascade else cfg.data.image_size
-    text = cfg.base.text_encoder
+    text = cfg.text_encoder
     lines += [
         "",
         f"- Output: {size}x{size} pixels ({'cascade' if model.cascade else 'base stage'}); base "

@@ -212,7 +212,7 @@ def read_stage(
 
 
 def _frozen_text_encoder(config, mods, mesh, rules, abstract: bool = False) -> Any:
-    """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint
+    """The frozen (e.g. T5) encoder's weights from config.text_encoder.checkpoint
     (`abstract`: their shapes and shardings only)."""
     from muse_jax.text import loading
 
@@ -267,19 +267,29 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+def upgrade_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A model directory's config.json config in the current layout: directories written
+    before kept the sampling block at the top level and the text encoder under `base`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    base = out.setdefault("base", {})
+    if "sampling" in out:
+        base["sampling"] = out.pop("sampling")
+    for key in ("text_encoder", "text_embeddings"):
+        if key in base:
+            out[key] = base.pop(key)
+    return out
+
+
 def exported_config(directory: str, manifest: dict[str, Any]) -> ml_collections.ConfigDict:
     """config.json's model config, with the vocabulary file resolved inside `directory`."""
-    raw = dict(manifest["config"])
-    if "sampling" in raw:  # Directories written before sampling moved into config.base.
-        raw["base"] = {**raw.get("base", {}), "sampling": raw.pop("sampling")}
-    config = ml_collections.ConfigDict(raw)
+    config = ml_collections.ConfigDict(upgrade_config(manifest["config"]))
     config.data.data_dir = ""  # Read by nothing: the vocabulary is a file or bytes.
     vocab = config.data.get("vocabulary", "byte")
     if vocab.startswith(CLIP_PREFIX):
         config.data.vocabulary = CLIP_PREFIX + _inside(directory, vocab[len(CLIP_PREFIX) :])
     elif vocab != "byte":
         config.data.vocabulary = storage.join(directory, vocab)
-    text = config.base.text_encoder
+    text = config.text_encoder
     if text.name == "clip" and text.get("checkpoint"):  # Converted models hold their encoder.
         text.checkpoint = _inside(directory, text.checkpoint)
     return config

@@ -88,7 +88,7 @@ def build(config, vocab_size: int | None, precomputed: bool, cascade: bool) -> M
         tokenizer=factory.tokenizer(config),
         base=factory.base_transformer(config),
         text_encoder=text,
-        text_trainable=text is not None and bool(config.base.text_encoder.trainable),
+        text_trainable=text is not None and bool(config.text_encoder.trainable),
     )
     if cascade:
         if not has_cascade(config):

@@ -423,7 +423,7 @@ def param_count(config: CLIPConfig) -> int:
 
 
 def text_encoder(block, dtype: str = "float32") -> CLIPTextEncoder:
-    """The `CLIPTextEncoder` a `config.base.text_encoder` block (name 'clip') describes."""
+    """The `CLIPTextEncoder` a `config.text_encoder` block (name 'clip') describes."""
     return CLIPTextEncoder(
         TextConfig(**dict(block.clip)),
         int(block.projection_dim),

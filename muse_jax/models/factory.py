@@ -100,7 +100,7 @@ def base_transformer(config) -> nn.Module:
     if kind == "uvit":
         from muse_jax.models import uvit_transformer
 
-        if config.base.text_encoder.name != "clip":
+        if config.text_encoder.name != "clip":
             raise UsageError("config.base.model.kind='uvit' needs text_encoder.name='clip'.")
         return uvit_transformer.build(m, side * side, config.tokenizer.model.codebook_size)
     return MaskedTransformer(
@@ -147,7 +147,7 @@ _TEXT_ENCODERS = ("tiny", "t5", "clip")
 def text_width(config) -> int:
     """Width D of the text context [B, S, D] the transformers read: the encoder's output
     width (T5's d_model, or the tiny encoder's width), precomputed or in the graph."""
-    t = config.base.text_encoder
+    t = config.text_encoder
     if t.name == "t5":
         from muse_jax.models import t5
 
@@ -160,7 +160,7 @@ def text_width(config) -> int:
 def text_encoder(config, vocab_size: int) -> nn.Module:
     """The text encoder behind the base model's one interface: (ids, mask) -> [B, S, D]."""
     kernels.configure(config)
-    t = config.base.text_encoder
+    t = config.text_encoder
     if t.name == "tiny":
         return TinyTextEncoder(
             vocab_size=vocab_size,
@@ -185,4 +185,4 @@ def text_encoder(config, vocab_size: int) -> nn.Module:
         from muse_jax.models import clip
 
         return clip.text_encoder(t, t.get("dtype", "float32"))
-    raise UsageError(f"Unknown config.base.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")
+    raise UsageError(f"Unknown config.text_encoder.name {t.name!r}; valid: {_TEXT_ENCODERS}.")

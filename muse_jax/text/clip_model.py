@@ -229,7 +229,7 @@ def load_params(path: str, config: CLIPConfig | None = None) -> dict:
 
 
 def text_encoder_from_hf(hf: dict, source: str, hidden_layer: int = -2) -> dict[str, Any]:
-    """The `config.base.text_encoder` block (name 'clip') of a transformers
+    """The `config.text_encoder` block (name 'clip') of a transformers
     `CLIPTextModelWithProjection` config.json dict (aMUSEd's and SDXL's `text_encoder`)."""
     if hf.get("model_type") != "clip_text_model":
         raise CheckpointError(

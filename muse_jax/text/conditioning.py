@@ -1,5 +1,5 @@
 """What the base stage conditions on: caption token ids (encoder in the graph) or precomputed
-embeddings (`config.base.text_embeddings`, written by `muse_jax.embed`) — one interface for both.
+embeddings (`config.text_embeddings`, written by `muse_jax.embed`) — one interface for both.
 
 Batches and prompts come out as {'text_ids', 'text_mask'} or {'text_emb', 'text_mask'}; the
 empty caption "" is the unconditional input of classifier-free guidance in both cases.
@@ -32,7 +32,7 @@ def clip_tokenizer_dir(config) -> str | None:
 
 
 def embeddings_dir(config) -> str:
-    return config.base.get("text_embeddings", "")
+    return config.get("text_embeddings", "")
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,7 +119,7 @@ class ShapeConditioner:
 
         from muse_jax.models import t5
 
-        tcfg = self.config.base.text_encoder
+        tcfg = self.config.text_encoder
         name = self.config.data.get("vocabulary", "shapes")
         if tcfg.name == "t5":
             size = t5.get_config(tcfg.preset).vocab_size

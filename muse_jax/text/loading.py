@@ -24,7 +24,7 @@ def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
     """Numpy parameter tree of a T5 v1.1 encoder from `path` (format auto-detected)."""
     if not path:
         raise FileNotFoundError(
-            "config.base.text_encoder.checkpoint is empty: point it at a T5X checkpoint directory "
+            "config.text_encoder.checkpoint is empty: point it at a T5X checkpoint directory "
             "or a safetensors directory (config.json + model.safetensors)."
         )
     if not storage.exists(path):
@@ -45,9 +45,7 @@ def load_t5_params(path: str, expected_shapes: Any, t5_config) -> Any:
         params = t5x_checkpoint.load_t5x_encoder(path, expected_shapes=expected_shapes)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if jax.tree.structure(got) != jax.tree.structure(expected_shapes) or got != expected_shapes:
-        raise UsageError(
-            f"Text encoder weights in {path} do not match config.base.text_encoder.preset."
-        )
+        raise UsageError(f"Text encoder weights in {path} do not match config.text_encoder.preset.")
     return params
 
 
@@ -55,14 +53,14 @@ def load_text_encoder(config, abstract: Any, shardings: Any) -> Any:
     """The frozen encoder's parameters placed with `shardings` (abstract: its unboxed tree)."""
     from muse_jax.models import t5
 
-    tcfg = config.base.text_encoder
+    tcfg = config.text_encoder
     expected = jax.tree.map(lambda x: tuple(x.shape), abstract)
     if tcfg.name == "clip":
         from muse_jax.text import clip_model
 
         if not tcfg.get("checkpoint"):
             raise FileNotFoundError(
-                "config.base.text_encoder.checkpoint is empty: point it at a transformers "
+                "config.text_encoder.checkpoint is empty: point it at a transformers "
                 "CLIPTextModelWithProjection directory (config.json + model.safetensors)."
             )
         params = clip_model.load_text_encoder_params(

@@ -352,11 +352,11 @@ def embed(
     from muse_jax.text.conditioning import TextConditioner
 
     stage_config = config.copy_and_resolve_references()
-    stage_config.base.text_embeddings = ""  # Build the in-graph encoder of this config.
-    if stage_config.base.text_encoder.trainable:
+    stage_config.text_embeddings = ""  # Build the in-graph encoder of this config.
+    if stage_config.text_encoder.trainable:
         raise UsageError(
-            "config.base.text_encoder is trainable; precomputing needs a frozen encoder "
-            "(e.g. --config.base.text_encoder.name=t5 --config.base.text_encoder.trainable=False)."
+            "config.text_encoder is trainable; precomputing needs a frozen encoder "
+            "(e.g. --config.text_encoder.name=t5 --config.text_encoder.trainable=False)."
         )
     vocab = TextConditioner(stage_config, workdir).vocab
     text_encoder = factory.text_encoder(stage_config, vocab.vocab_size)
@@ -371,7 +371,7 @@ def embed(
         output_dir,
         text_length=length,
         dtype=dtype,
-        encoder=config.base.text_encoder.to_dict(),
+        encoder=config.text_encoder.to_dict(),
         index_every=index_every,
     )
     todo = writer.missing(captions)

@@ -53,7 +53,7 @@ class BaseStage(stage.Stage):
         super().__init__(config, workdir)
         self.tokenizer = factory.tokenizer(config)
         self.conditioner = conditioner or TextConditioner(config, workdir)
-        tcfg = self.config.base.text_encoder  # One text configuration for every stage.
+        tcfg = self.config.text_encoder  # One text configuration for every stage.
         if self.conditioner.precomputed:
             self.text_encoder = None
             self.text_trainable = False
@@ -137,7 +137,7 @@ class BaseStage(stage.Stage):
         return frozen
 
     def frozen_text_encoder(self, mesh, axis_rules, abstract: bool = False) -> Any:
-        """The frozen (e.g. T5) encoder's weights from config.base.text_encoder.checkpoint."""
+        """The frozen (e.g. T5) encoder's weights from config.text_encoder.checkpoint."""
         from muse_jax.text import loading
 
         shapes, shardings = parallel.abstract_state(
