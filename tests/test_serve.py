@@ -41,7 +41,9 @@ def data_url(array: np.ndarray) -> str:
 class FakePipe:
     """Records calls and how many run at once; images filled with the seed."""
 
-    config = types.SimpleNamespace(sampling={"guidance_scale": 3.0, "num_steps": 4})
+    config = types.SimpleNamespace(
+        base=types.SimpleNamespace(sampling={"guidance_scale": 3.0, "num_steps": 4})
+    )
 
     def __init__(self, delay=0.0, fail=None):
         self.delay, self.fail = delay, fail
