@@ -32,19 +32,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from muse_jax import parallel, stages  # noqa: E402
+from muse_jax import config_files, parallel, stages  # noqa: E402
 from muse_jax.train import stage as stage_lib  # noqa: E402
 from muse_jax.train import trainer  # noqa: E402
-
-
-def load_config(spec: str):
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def wall_times(fn, repeats: int) -> list[float]:
@@ -168,7 +158,7 @@ def main() -> None:
         help="config override, e.g. --set base.model.width=256 (Python literal values)",
     )
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = config_files.load(args.config)
     for item in args.set:
         key, _, value = item.partition("=")
         try:

@@ -31,17 +31,6 @@ GRIDS = {  # docs name -> the main job's grid under <workdir>/samples.
 PROMPT = "a large red circle on the left"
 
 
-def _config(spec: str):
-    """`path[:arg]` -> the config file's `get_config(arg)`."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    loader = importlib.util.spec_from_file_location("docs_config", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def _row(images, pad: int = 2):
     import numpy as np
 
@@ -64,12 +53,12 @@ def main() -> int:
 
     import numpy as np
 
-    from muse_jax import MusePipeline, storage
+    from muse_jax import MusePipeline, config_files, storage
 
     for name, source in GRIDS.items():
         shutil.copyfile(os.path.join(samples, source), os.path.join(args.out, name))
 
-    pipe = MusePipeline.from_workdir(_config(args.config), args.workdir)
+    pipe = MusePipeline.from_workdir(config_files.load(args.config), args.workdir)
     image = pipe([PROMPT], seed=0).images[0]
     size = image.size[0]
     mask = np.zeros((size, size), np.uint8)

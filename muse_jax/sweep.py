@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from muse_jax import config_files
 from muse_jax.errors import UsageError
 
 Point = dict[str, Any]
@@ -236,11 +237,7 @@ def check_keys(config_path: str, runs: Sequence[tuple[str, list[str]]]) -> None:
     """Raises SweepError if an override names a key that the config file does not have."""
     if not os.path.isfile(config_path):
         raise SweepError(f"config file not found: {config_path}")
-    spec = importlib.util.spec_from_file_location("_muse_sweep_config", config_path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load(config_path, "_muse_sweep_config")
     for _, flags in runs:
         for flag in flags:
             key = flag.split("=", 1)[0].removeprefix("--config.")

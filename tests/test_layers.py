@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "muse_jax.compilation_cache",
             "muse_jax.checkpoints",
             "muse_jax.stages",
+            "muse_jax.config_files",
             "muse_jax.tpu",
         ),
     ),

@@ -11,13 +11,14 @@ test catches a renamed flag, binary or key in any of them.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import os
 import pathlib
 import re
 import shlex
 
 import pytest
 
+from muse_jax import config_files
 from tests.helpers import ROOT, run_module
 
 README = pathlib.Path(ROOT, "README.md")
@@ -64,11 +65,7 @@ def flags_of(module: str) -> frozenset[str]:
 
 
 def config_of(spec: str):
-    path, _, arg = spec.partition(":")
-    loader = importlib.util.spec_from_file_location("readme_config", pathlib.Path(ROOT, path))
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return config_files.load(os.path.join(ROOT, spec), "readme_config")
 
 
 def has_key(config, dotted: str) -> bool:

@@ -11,8 +11,9 @@
 
 Each path asks `hand_written()` when it is traced. The choice is read from the config by
 `models.factory` whenever it builds a model (`configure`), so training, sampling, evaluation and
-`muse_jax.aot` follow the same key; `use(mode)` overrides it inside a block (tests, benchmarks). jax caches a function's trace,
-so the choice must be made before the first trace: a program traced once keeps its paths.
+`muse_jax.aot` follow the same key; `use(mode)` overrides it inside a block (tests,
+benchmarks). jax caches a function's trace, so the choice must be made before the first trace:
+a program traced once keeps its paths.
 `target('tpu')` makes traces choose the paths of another platform: `muse_jax.aot` compiles for
 TPUs from a CPU host, and its programs must take the TPU paths.
 """
@@ -51,13 +52,17 @@ def mode() -> str:
 
 
 @contextlib.contextmanager
-def use(name: str) -> Iterator[None]:
-    """Traces inside this block use kernels `name`, whatever the config said."""
-    token = _OVERRIDE.set(check(name))
+def _scoped(var: contextvars.ContextVar, value: str) -> Iterator[None]:
+    token = var.set(value)
     try:
         yield
     finally:
-        _OVERRIDE.reset(token)
+        var.reset(token)
+
+
+def use(name: str) -> contextlib.AbstractContextManager[None]:
+    """Traces inside this block use kernels `name`, whatever the config said."""
+    return _scoped(_OVERRIDE, check(name))
 
 
 def platform() -> str:
@@ -74,11 +79,6 @@ def hand_written() -> bool:
     return mode() == "auto" and on_cpu()
 
 
-@contextlib.contextmanager
-def target(name: str) -> Iterator[None]:
+def target(name: str) -> contextlib.AbstractContextManager[None]:
     """Traces inside this block choose the paths of platform `name` (e.g. 'tpu')."""
-    token = _TARGET.set(name)
-    try:
-        yield
-    finally:
-        _TARGET.reset(token)
+    return _scoped(_TARGET, name)
