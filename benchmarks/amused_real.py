@@ -149,9 +149,7 @@ def flax_params(transformer: torch.nn.Module, vqvae: torch.nn.Module) -> dict[st
         "transformer": diffusers_uvit.params_from_diffusers(
             _numpy_state(transformer), uvit_net, "random UVit2DModel"
         ),
-        "tokenizer": diffusers_vq.params_from_diffusers(
-            _numpy_state(vqvae), vq_net, "random VQModel"
-        ),
+        "vq": diffusers_vq.params_from_diffusers(_numpy_state(vqvae), vq_net, "random VQModel"),
     }
     return jax.device_put(params)
 

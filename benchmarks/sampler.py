@@ -118,7 +118,7 @@ def build_ours(w: Workload, dtype: str) -> tuple[MuseSampler, dict[str, Any]]:
     mask = jnp.ones((1, w.text_length), jnp.int32)
     params = {
         "transformer": jax.jit(transformer.init)(rng, tokens, ctx, mask)["params"],
-        "tokenizer": jax.jit(vq.init)(rng, jnp.zeros((1, w.image_size, w.image_size, 3)))["params"],
+        "vq": jax.jit(vq.init)(rng, jnp.zeros((1, w.image_size, w.image_size, 3)))["params"],
     }
     return MuseSampler(transformer, None, vq, sampling), params
 
@@ -175,7 +175,7 @@ def run_ours(w: Workload, dtype: str, repeats: int) -> dict[str, Any]:
         vq_flops=cost_flops(vq_c),
         compile_s=dict(loop=loop_compile, vq=vq_compile, sampler=full_compile),
         params_transformer=n_params(params["transformer"]),
-        params_vq=n_params(params["tokenizer"]),
+        params_vq=n_params(params["vq"]),
     )
 
 

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     params = {
         "transformer": jax.tree.map(lambda x: x * 3, base_state.params["transformer"]),
         "text_encoder": base_state.params["text_encoder"],
-        "tokenizer": tok_state.params["vq"],
+        "vq": tok_state.params["vq"],
     }
     ids, mask = tasks.encode_prompts(
         config, workdir, ["a red circle on the left"] * 3 + [""] * 3 + ["a blue square"] * 3

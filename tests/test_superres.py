@@ -39,12 +39,12 @@ def random_cascade(tmp_path_factory):
         "base": {
             "transformer": sharpen(base_p["transformer"]),
             "text_encoder": base_p["text_encoder"],
-            "tokenizer": lo_vq,
+            "vq": lo_vq,
         },
         "superres": {
             "transformer": sharpen(sr_p["transformer"]),
             "text_encoder": sr_p["text_encoder"],
-            "tokenizer": hi_vq,
+            "vq": hi_vq,
         },
     }
     ids, mask = tasks.encode_prompts(

@@ -167,7 +167,7 @@ def load(
         frozen_text = _frozen_text_encoder(config, mods, mesh, rules, abstract=reader is None)
 
     def sampler_params(stage: str, vq: Any) -> dict[str, Any]:
-        p = {"transformer": stage_params[stage]["transformer"], "tokenizer": vq}
+        p = {"transformer": stage_params[stage]["transformer"], "vq": vq}
         if mods.text_encoder is not None:
             p["text_encoder"] = stage_params[stage].get("text_encoder", frozen_text)
         return p

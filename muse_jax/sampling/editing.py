@@ -226,7 +226,7 @@ class SamplerStage:
 
     def tokenize(self, images: np.ndarray) -> np.ndarray:
         chex.assert_shape(images, (None, self.image_size, self.image_size, 3))
-        return np.asarray(self._tokenize(self.params["tokenizer"], jnp.asarray(images)))
+        return np.asarray(self._tokenize(self.params["vq"], jnp.asarray(images)))
 
     def sample(self, init_tokens, cond, uncond, rng, lower=None):
         from muse_jax.sampling.sampler import SuperResSampler

@@ -104,7 +104,8 @@ def _concat(a: Any, b: Any) -> Any:
 class MuseSampler:
     """Generates images from token ids of prompts with a trained base stage.
 
-    `params` passed to `__call__` is {'transformer', 'text_encoder', 'tokenizer'}; the
+    `params` passed to `__call__` is {'transformer', 'text_encoder', 'vq'}: 'vq' holds the
+    weights of `tokenizer`, the VQ model that turns this stage's tokens into pixels. The
     config's sampling block (`sampling_cfg`) gives the default `Settings`.
     """
 
@@ -181,7 +182,7 @@ class MuseSampler:
 
     def decode_pixels(self, params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return self.tokenizer.apply(
-            {"params": params["tokenizer"]}, tokens, method=self.tokenizer.decode_ids
+            {"params": params["vq"]}, tokens, method=self.tokenizer.decode_ids
         )
 
     def _generate(self, params, cond, uncond, rng, init_tokens, lowres_tokens, settings) -> Sample:
@@ -206,7 +207,7 @@ class MuseSampler:
         """Samples one image per row of the conditioning.
 
         Args:
-          params: {'transformer', 'tokenizer'[, 'text_encoder']}.
+          params: {'transformer', 'vq'[, 'text_encoder']}.
           cond: the prompts' text input, {'text_ids', 'text_mask'} ([B, S]) or
             {'text_emb' [B, S, D], 'text_mask'} (see `muse_jax.text.conditioning`).
           uncond: the same for the unconditional branch: the empty prompt, or a negative one.
@@ -236,7 +237,7 @@ class CascadeSampler:
     """Base -> super-res -> decoder in one jitted call, each stage with its own settings.
 
     `params` is {'base': base sampler params, 'superres': super-res sampler params}; the
-    super-res params' 'tokenizer' holds the decoder that makes the pixels (the fine-tuned one
+    super-res params' 'vq' holds the decoder that makes the pixels (the fine-tuned one
     when it exists).
     """
 

@@ -245,7 +245,7 @@ class BaseStage(stage.Stage):
 
     def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
         """What the sampler needs, from the trained parameters (`state.params`) and `frozen`."""
-        params = {"transformer": trained["transformer"], "tokenizer": frozen["tokenizer"]}
+        params = {"transformer": trained["transformer"], "vq": frozen["tokenizer"]}
         if self.text_encoder is not None:
             params["text_encoder"] = (
                 trained["text_encoder"] if self.text_trainable else frozen["text_encoder"]

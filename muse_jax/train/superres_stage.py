@@ -69,7 +69,7 @@ class SuperResStage(BaseStage):
 
     def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
         params = super().sampler_params(trained, frozen)
-        params["tokenizer"] = frozen["superres_tokenizer"]
+        params["vq"] = frozen["superres_tokenizer"]
         return params
 
     def write_summaries(self, state, frozen, writer, step: int):
