@@ -60,10 +60,7 @@ def main(_):
     )
     for name, images in (("originals", x), ("reconstructions", r)):
         s = alignment.score(images, captions)
-        print(
-            f"alignment of {name}: "
-            + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k != "count")
-        )
+        print(f"alignment of {name}: " + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k != "n"))
 
 
 if __name__ == "__main__":

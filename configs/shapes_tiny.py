@@ -18,6 +18,8 @@ import ml_collections
 # on them. Each colour and each shape still appears in training with other partners.
 HELD_OUT = ("red triangle", "blue circle", "green square", "yellow circle")
 
+# The evaluation's three prompt groups (muse_jax/prompt_groups.py). Seen single-object
+# prompts: both sizes at every position, every seen colour and shape.
 SEEN_PROMPTS = (
     "a large red circle in the center",
     "a large blue square on the left",
@@ -27,12 +29,46 @@ SEEN_PROMPTS = (
     "a large cyan triangle in the center",
     "a small white square on the left",
     "a small red square at the top",
+    "a large white circle on the left",
+    "a large red square at the top",
+    "a large blue triangle on the right",
+    "a large magenta triangle at the bottom",
+    "a small cyan circle on the right",
+    "a small green circle at the bottom",
+    "a small yellow triangle in the center",
+    "a small magenta square on the left",
+    "a small blue triangle at the top",
+    "a small white triangle on the right",
+    "a small cyan square at the bottom",
+    "a small green triangle in the center",
 )
+# The held-out colour-shape combinations, each at both sizes and three positions.
 HELD_OUT_PROMPTS = (
     "a large red triangle in the center",
     "a large blue circle on the left",
     "a large green square at the top",
     "a large yellow circle on the right",
+    "a small red triangle at the bottom",
+    "a small blue circle at the top",
+    "a small green square on the right",
+    "a small yellow circle on the left",
+    "a large red triangle on the left",
+    "a small blue circle in the center",
+    "a large green square at the bottom",
+    "a small yellow circle at the top",
+)
+# Two objects in a relation (training shows both relations with seen combinations only).
+TWO_OBJECT_PROMPTS = (
+    "a red circle left of a blue square",
+    "a green triangle left of a yellow square",
+    "a white square left of a magenta circle",
+    "a cyan triangle left of a red square",
+    "a blue triangle left of a green circle",
+    "a yellow triangle above a cyan circle",
+    "a magenta square above a white triangle",
+    "a green circle above a red square",
+    "a blue square above a yellow triangle",
+    "a white circle above a cyan square",
 )
 
 
@@ -284,9 +320,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict(
         dict(
+            # The prompt groups (muse_jax/prompt_groups.py): <group>_prompts for "seen",
+            # "held_out" and "two_object"; a group left empty is skipped.
             seen_prompts=list(SEEN_PROMPTS),
             held_out_prompts=list(HELD_OUT_PROMPTS),
-            samples_per_prompt=8,
+            two_object_prompts=list(TWO_OBJECT_PROMPTS),
+            samples_per_prompt=4,
             # `python -m muse_jax.evaluate`: the metric plug-ins of muse_jax/eval/metrics.py to
             # run: "alignment" (shapes captions only), "clip" and "fid" (these two need the
             # weight files below, which the user supplies). A tuple, so that it can be overridden:
@@ -298,7 +337,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             split="test",  # captions="dataset": the split the captions come from.
             num_images=1000,  # captions="dataset": how many captions (one image each).
             batch_size=64,  # Images per sampler call.
-            seed=1,  # Sampling seed of the first call of each prompt group (call k: seed + k).
+            # Sampling seed of the first call of each prompt group (call k: seed + k). Training
+            # derives every random number from config.seed, and its sample summaries use seed 0.
+            seed=1,
             grid_size=16,  # Samples (one per distinct caption) in the TensorBoard grid.
             clip=ml_collections.ConfigDict(
                 dict(
@@ -408,3 +449,4 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     config.eval.samples_per_prompt = 2
     config.eval.seen_prompts = list(SEEN_PROMPTS[:2])
     config.eval.held_out_prompts = list(HELD_OUT_PROMPTS[:1])
+    config.eval.two_object_prompts = list(TWO_OBJECT_PROMPTS[:1])

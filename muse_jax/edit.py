@@ -181,7 +181,12 @@ def main(argv):
     storage.write_json(storage.join(_OUT.value, "edit.json"), record)
     print(f"wrote {n} {mode} edits and grid.png to {_OUT.value} (base step {steps['base']})")
     if scores:
-        print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "count"))
+        print(
+            "alignment: "
+            + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "n" and v == v)
+        )
+    else:
+        print("alignment: not scored (the pixel checker reads prompts of the shapes grammar only)")
     return 0
 
 

@@ -24,7 +24,7 @@ statistics of `eval.fid.num_reference` real images of `eval.fid.reference_split`
 at their latest. Outputs, in `<workdir>/eval/base` or `<workdir>/eval/cascade` (one TensorBoard
 run each; `tensorboard --logdir <workdir>/eval`):
   events.out.tfevents.*   scalars `eval/fid`, `eval/clip_score`, `eval/clip_score_01`,
-                          `eval/alignment/{seen,held_out}/{color,shape,size,position,all}`
+                          `eval/alignment/{seen,held_out,two_object}/{color,shape,...,count,all}`
                           (cascade: also `eval/alignment/base_only/...`), a captioned sample
                           grid `eval/samples` and the captions as text, at the base step
   metrics_<step>.json     the same metrics, every stage's step, sampler settings, wall times

@@ -126,7 +126,12 @@ def main(argv):
         f"{_OUT.value} (checkpoint steps {steps})"
     )
     if scores:
-        print("alignment: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "count"))
+        print(
+            "alignment: "
+            + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "n" and v == v)
+        )
+    else:
+        print("alignment: not scored (the pixel checker reads prompts of the shapes grammar only)")
     return 0
 
 

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from muse_jax.prompt_groups import prompt_groups
 from muse_jax.train import summaries
 from tests.helpers import ROOT, run_module, run_python
 
@@ -76,16 +78,16 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
     config, workdir = trained_smoke
     report = report_lib.evaluate_alignment(config, workdir)
     n = config.eval.samples_per_prompt
-    for split, prompts in (
-        ("seen", config.eval.seen_prompts),
-        ("held_out", config.eval.held_out_prompts),
-    ):
+    groups = prompt_groups(config.eval)
+    assert report["groups"] == [g for g, _ in groups] == ["seen", "held_out", "two_object"]
+    for split, prompts in groups:
         scores = report[split]["scores"]
-        assert scores["count"] == n * len(prompts)
+        assert scores["n"] == n * len(prompts)
         assert 0.0 <= scores["all"] <= min(scores["color"], scores["shape"]) <= 1.0
         grid = np.asarray(Image.open(os.path.join(workdir, "samples", f"{split}.png")))
         assert grid.shape[0] >= 32 * 4 * len(prompts)
-    assert report["checker_on_real_images"]["all"] == 1.0
+        assert report[split]["checker_on_real_images"]["all"] == 1.0
+    assert not np.isnan(report["two_object"]["scores"]["relation"])
     text = open(os.path.join(workdir, "alignment.json")).read()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     # NaN (an attribute no prompt states) is written as null, so every JSON reader parses it.
@@ -100,6 +102,30 @@ def test_pipeline_evaluation_writes_grids_json_and_tensorboard(trained_smoke):
     # The trainer wrote its own curves too.
     base = summaries.read_scalars(os.path.join(workdir, "base"))
     assert sorted(base["train/loss"]) == [2, 3, 4, 6]
+
+
+@pytest.mark.slow
+def test_evaluation_samples_a_prompt_outside_the_grammar_and_skips_only_its_score(
+    trained_smoke, tmp_path
+):
+    from muse_jax.eval import report as report_lib
+
+    config, source = trained_smoke
+    workdir = str(tmp_path / "w")
+    shutil.copytree(source, workdir)
+    config = config.copy_and_resolve_references()
+    odd = "a photo of a dog on a beach"
+    config.eval.held_out_prompts = [config.eval.held_out_prompts[0], odd]
+    report = report_lib.evaluate_alignment(config, workdir)
+    held = report["held_out"]
+    assert held["skipped_prompts"] == [odd]
+    # Its samples are in the grid; the scores count the other prompt's samples only.
+    n = config.eval.samples_per_prompt
+    assert held["scores"]["n"] == n
+    assert held["per_prompt_all"][odd] is None
+    grid = np.asarray(Image.open(os.path.join(workdir, "samples", "held_out.png")))
+    assert grid.shape[0] >= 32 * 4 * 2
+    assert f"outside the shapes grammar: {odd!r}" in report_lib.table(report)
 
 
 @pytest.mark.slow
@@ -132,10 +158,10 @@ def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cas
     config, workdir = trained_cascade
     report = report_lib.evaluate_alignment(config, workdir, cascade=True)
     n = config.eval.samples_per_prompt
-    for split in ("seen", "held_out"):
+    for split in report["groups"]:
         r = report[split]
         assert r["image_size"] == config.data.hr_image_size
-        assert r["scores"]["count"] == r["base_scores"]["count"] == n * len(r["prompts"])
+        assert r["scores"]["n"] == r["base_scores"]["n"] == n * len(r["prompts"])
         for name in (split, "base_" + split):
             assert os.path.exists(os.path.join(workdir, "samples", f"{name}.png"))
     scalars = summaries.read_scalars(os.path.join(workdir, "eval"))

@@ -29,7 +29,7 @@ def _evaluate(*args: str) -> subprocess.CompletedProcess:
 
 
 def _finite(scores: dict) -> dict:
-    return {k: v for k, v in scores.items() if k != "count" and v == v}
+    return {k: v for k, v in scores.items() if k != "n" and v == v}
 
 
 # ----------------------------------------------------------------------------- library, fast

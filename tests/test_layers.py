@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "muse_jax.checkpoints",
             "muse_jax.stages",
             "muse_jax.config_files",
+            "muse_jax.prompt_groups",
             "muse_jax.tpu",
         ),
     ),

@@ -252,6 +252,15 @@ def parse_caption(text: str) -> ParsedCaption:
     )
 
 
+def in_grammar(text: str) -> bool:
+    """Whether `parse_caption` reads the text (the pixel checker can score it)."""
+    try:
+        parse_caption(text)
+    except UsageError:
+        return False
+    return True
+
+
 def scene_from_caption(text: str, rng: np.random.Generator) -> Scene:
     """Samples a layout matching a caption (e.g. reference images for eval prompts)."""
     p = parse_caption(text)

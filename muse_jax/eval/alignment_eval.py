@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from muse_jax.data import shapes, shapes_alignment
 from muse_jax.data.shapes_alignment import score_or_empty
 
 
@@ -62,3 +63,14 @@ def subset(generated: Generated, rows: slice) -> Generated:
         lowres_images=low,
         lowres_scores=None if low is None else score_or_empty(low, captions),
     )
+
+
+def readable_scores(images: np.ndarray, captions: list[str]) -> tuple[dict[str, float], list[str]]:
+    """The checker's scores of the samples whose caption is in the shapes grammar ({} if none
+    is), and the distinct captions it cannot read: those samples are skipped, not failed."""
+    readable = [shapes.in_grammar(c) for c in captions]
+    keep = np.flatnonzero(readable)
+    skipped = list(dict.fromkeys(c for c, ok in zip(captions, readable) if not ok))
+    if len(keep) == 0:
+        return {}, skipped
+    return shapes_alignment.score(images[keep], [captions[i] for i in keep]), skipped

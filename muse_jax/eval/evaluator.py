@@ -23,6 +23,7 @@ import numpy as np
 from muse_jax import storage
 from muse_jax.errors import UsageError
 from muse_jax.eval import metrics as metrics_lib
+from muse_jax.prompt_groups import prompt_groups
 
 Log = Callable[[str], None]
 CAPTION_SOURCES = ("prompts", "dataset")
@@ -53,8 +54,8 @@ class Chunk:
 def chunks(config, workdir: str) -> Iterator[Chunk]:
     """The evaluation set, in sampler calls of at most `eval.batch_size` images.
 
-    captions="prompts": the config's seen and held-out prompts, `samples_per_prompt` each;
-    chunk k of a group samples with seed `eval.seed + k`. captions="dataset": the first
+    captions="prompts": the config's prompt groups (`muse_jax.prompt_groups`: seen, held-out,
+    two-object), `samples_per_prompt` each; chunk k of a group samples with seed `eval.seed + k`. captions="dataset": the first
     caption of each of the first `eval.num_images` records of `eval.split`, in storage order,
     one image each; chunk k samples with seed `eval.seed + k`.
     """
@@ -63,7 +64,9 @@ def chunks(config, workdir: str) -> Iterator[Chunk]:
     batch_size = int(ev.batch_size)
     if source == "prompts":
         n = int(ev.samples_per_prompt)
-        groups = [("seen", list(ev.seen_prompts)), ("held_out", list(ev.held_out_prompts))]
+        groups = prompt_groups(ev)
+        if not groups:
+            raise UsageError("config.eval names no prompts (seen_prompts, held_out_prompts, ...).")
         per_chunk = max(1, batch_size // n)
         size = min(per_chunk, max(len(p) for _, p in groups))
         for group, prompts in groups:

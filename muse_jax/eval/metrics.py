@@ -190,7 +190,9 @@ class Alignment(Metric):
     """The shapes world's pixel checker, per attribute and caption group (`alignment/seen/color`).
 
     With the cascade, the base stage's own output is scored too (`alignment/base_only/...`),
-    so the two resolutions compare on the same samples.
+    so the two resolutions compare on the same samples. A caption outside the shapes grammar
+    is sampled but not scored: `alignment/<group>/skipped` counts its samples. A config none of
+    whose prompts the checker can read is an error up front.
     """
 
     name = "alignment"
@@ -199,20 +201,16 @@ class Alignment(Metric):
         super().__init__(setup)
         ev = setup.config.eval
         if ev.get("captions", "prompts") == "prompts":
-            for prompt in [*ev.seen_prompts, *ev.held_out_prompts]:
-                self._check_caption(prompt)
+            from muse_jax.data import shapes
+            from muse_jax.prompt_groups import all_prompts
 
-    @staticmethod
-    def _check_caption(caption: str) -> None:
-        from muse_jax.data import shapes
-
-        try:
-            shapes.parse_caption(caption)
-        except ValueError:
-            raise MetricConfigError(
-                f"metric 'alignment' checks captions of the shapes grammar only, not {caption!r}; "
-                "drop it from config.eval.metrics (e.g. --config.eval.metrics=clip,fid)."
-            ) from None
+            prompts = all_prompts(ev)
+            if prompts and not any(map(shapes.in_grammar, prompts)):
+                raise MetricConfigError(
+                    "metric 'alignment' checks captions of the shapes grammar only, and none of "
+                    f"config.eval's prompts is one (e.g. {prompts[0]!r}); drop it from "
+                    "config.eval.metrics (e.g. --config.eval.metrics=clip,fid)."
+                )
 
     def reset(self) -> None:
         # Images are kept (the shapes world's are tiny), so `alignment.score` runs exactly as it
@@ -220,8 +218,6 @@ class Alignment(Metric):
         self._groups: dict[str, dict[str, list]] = {}
 
     def update(self, batch: Batch) -> None:
-        for caption in dict.fromkeys(batch.captions):
-            self._check_caption(caption)
         outputs = [("", batch.images)]
         if batch.lowres_images is not None:
             outputs.append(("base_only/", batch.lowres_images))
@@ -231,14 +227,17 @@ class Alignment(Metric):
             entry["captions"].extend(batch.captions)
 
     def result(self) -> dict[str, float]:
-        from muse_jax.data import shapes_alignment as alignment
+        from muse_jax.eval.alignment_eval import readable_scores
 
         out = {}
         for group, entry in self._groups.items():
-            scores = alignment.score(np.concatenate(entry["images"]), entry["captions"])
+            captions = entry["captions"]
+            scores, skipped = readable_scores(np.concatenate(entry["images"]), captions)
             for k, v in scores.items():
-                if k != "count" and v == v:  # NaN: no caption of the group states it.
+                if k != "n" and v == v:  # NaN: no caption of the group states it.
                     out[f"alignment/{group}/{k}"] = v
+            if skipped:
+                out[f"alignment/{group}/skipped"] = float(sum(c in skipped for c in captions))
         return out
 
 

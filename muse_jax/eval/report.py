@@ -1,7 +1,10 @@
-"""The embedded default's evaluation: sample seen and held-out prompts, score, write reports.
+"""The embedded default's evaluation: sample every prompt group, score, write reports.
 
-With the super-res stages trained, the same samples are scored twice: the base stage's own
-output (low-res) and the cascade's (high-res), so the two numbers compare like with like.
+The groups are the config's (`muse_jax.prompt_groups`: seen single-object prompts, held-out
+colour-shape combinations, two-object relations). With the super-res stages trained, the same
+samples are scored twice: the base stage's own output (low-res) and the cascade's (high-res),
+so the two numbers compare like with like. A prompt outside the shapes grammar is still
+sampled; only its score is skipped, and the report lists it.
 """
 
 from __future__ import annotations
@@ -9,26 +12,23 @@ from __future__ import annotations
 import numpy as np
 
 from muse_jax import storage
+from muse_jax.eval import alignment_eval
 
-ATTRIBUTES = ("color", "shape", "size", "position", "all")
+COLUMNS = ("color", "shape", "size", "position", "relation", "count", "all")
 
 
 def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
-    """Samples the config's seen and held-out prompts; writes grids, JSON and TensorBoard."""
+    """Samples the config's prompt groups; writes grids, JSON and TensorBoard."""
     from clu import metric_writers
 
     from muse_jax.data import shapes
-    from muse_jax.data import shapes_alignment as alignment
-    from muse_jax.eval import alignment_eval
     from muse_jax.inference import images as summaries
     from muse_jax.inference.pipeline import MusePipeline
+    from muse_jax.prompt_groups import prompt_groups
 
     n = config.eval.samples_per_prompt
-    splits = (
-        ("seen", list(config.eval.seen_prompts)),
-        ("held_out", list(config.eval.held_out_prompts)),
-    )
-    every_prompt = [p for _, prompts in splits for p in prompts]
+    groups = prompt_groups(config.eval)
+    every_prompt = [p for _, prompts in groups for p in prompts]
     # One sampler call (one compilation) for every prompt, then split by prompt group.
     pipe = MusePipeline.from_workdir(
         config,
@@ -39,68 +39,88 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
     step = steps["superres"] if cascade else steps["base"]
     writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
-    report: dict = {"steps": steps, "sampling": config.base.sampling.to_dict(), "cascade": cascade}
+    report: dict = {
+        "steps": steps,
+        "sampling": config.base.sampling.to_dict(),
+        "cascade": cascade,
+        "seed": int(config.eval.seed),
+        "samples_per_prompt": int(n),
+        "groups": [g for g, _ in groups],
+    }
     if cascade:
         report["superres_sampling"] = config.superres.sampling.to_dict()
-    every = alignment_eval.generate(pipe, every_prompt, samples_per_prompt=n, seed=1)
+    every = alignment_eval.generate(
+        pipe, every_prompt, samples_per_prompt=n, seed=int(config.eval.seed)
+    )
+    rng = np.random.default_rng(0)
     start = 0
-    for split, prompts in splits:
-        out = alignment_eval.subset(every, slice(start, start + n * len(prompts)))
+    for group, prompts in groups:
+        rows = slice(start, start + n * len(prompts))
         start += n * len(prompts)
-        outputs = {"": out.images}
-        if out.lowres_images is not None:
-            outputs["base_"] = out.lowres_images
-            report[split] = {"base_scores": out.lowres_scores}
-        for prefix, images in outputs.items():
-            scale = max(1, 128 // images.shape[1])
-            image = summaries.upscale(summaries.grid(images, columns=n), scale)
-            storage.save_png(image, storage.join(workdir, "samples", f"{prefix}{split}.png"))
-            writer.write_images(step, {f"samples/{prefix}{split}": image[None]})
-        scored = {"": out.scores, "base_": out.lowres_scores or {}}
-        for prefix, scores in scored.items():
+        images, captions = every.images[rows], every.captions[rows]
+        outputs = {"": images}
+        if every.lowres_images is not None:
+            outputs["base_"] = every.lowres_images[rows]
+        entry: dict = {"prompts": prompts, "image_size": int(images.shape[1])}
+        for prefix, shown in outputs.items():
+            scale = max(1, 128 // shown.shape[1])
+            grid = summaries.upscale(summaries.grid(shown, columns=n), scale)
+            storage.save_png(grid, storage.join(workdir, "samples", f"{prefix}{group}.png"))
+            writer.write_images(step, {f"samples/{prefix}{group}": grid[None]})
+            scores, skipped = alignment_eval.readable_scores(shown, captions)
+            entry[f"{prefix}scores"] = scores
+            entry["skipped_prompts"] = skipped
             writer.write_scalars(
                 step,
                 {
-                    f"alignment/{prefix}{split}/{k}": v
+                    f"alignment/{prefix}{group}/{k}": v
                     for k, v in scores.items()
-                    if k != "count" and v == v
+                    if k != "n" and v == v
                 },
             )
-        per_prompt = {
-            p: alignment.score(out.images[i * n : (i + 1) * n], [p] * n)["all"]
+        entry["per_prompt_all"] = {
+            p: alignment_eval.readable_scores(images[i * n : (i + 1) * n], [p] * n)[0].get("all")
             for i, p in enumerate(prompts)
         }
-        report.setdefault(split, {}).update(
-            scores=out.scores, per_prompt_all=per_prompt, prompts=prompts
-        )
-        report[split]["image_size"] = int(out.images.shape[1])
-    # Reference: the same checker on real renderings of the seen prompts (its ceiling).
-    rng = np.random.default_rng(0)
-    size = int(report["seen"]["image_size"])
-    real = [
-        shapes.render(shapes.scene_from_caption(p, rng), size) for p in config.eval.seen_prompts
-    ]
-    report["checker_on_real_images"] = alignment.score(
-        np.stack(real), list(config.eval.seen_prompts)
-    )
+        # The checker's ceiling: the same prompts rendered by the dataset's own renderer.
+        readable = [p for p in prompts if p not in entry["skipped_prompts"]]
+        if readable:
+            size = int(images.shape[1])
+            real = [shapes.render(shapes.scene_from_caption(p, rng), size) for p in readable]
+            entry["checker_on_real_images"] = alignment_eval.readable_scores(
+                np.stack(real), readable
+            )[0]
+        report[group] = entry
     writer.flush()
     storage.write_json(storage.join(workdir, "alignment.json"), report)
     return report
 
 
+def skipped_prompts(report: dict) -> list[str]:
+    """The report's prompts outside the shapes grammar (sampled, not scored)."""
+    return [p for g in report.get("groups", ()) for p in report[g].get("skipped_prompts", ())]
+
+
 def table(report: dict) -> str:
-    """Per-attribute scores of seen and held-out prompts as a fixed-width text table."""
-    lines = [f"{'prompts':<22}" + "".join(f"{a:>10}" for a in ATTRIBUTES)]
-    for split in ("seen", "held_out"):
-        r = report[split]
-        rows = [(f"{split}", r["scores"])]
+    """Per-attribute scores of every prompt group as a fixed-width text table: the base
+    stage's own samples and, with the cascade, the cascade's. '-' marks an attribute that no
+    prompt of the group states."""
+    lines = [f"{'prompts':<24}" + "".join(f"{a:>10}" for a in COLUMNS)]
+    for group in report.get("groups", ()):
+        r = report[group]
+        rows = [(group, r["scores"])]
         if "base_scores" in r:
             rows = [
-                (f"{split} base only", r["base_scores"]),
-                (f"{split} cascade {r['image_size']}px", r["scores"]),
+                (f"{group} base", r["base_scores"]),
+                (f"{group} cascade {r['image_size']}px", r["scores"]),
             ]
         for name, s in rows:
-            lines.append(
-                f"{name:<22}" + "".join(f"{s.get(a, float('nan')):>10.3f}" for a in ATTRIBUTES)
-            )
+            cells = []
+            for a in COLUMNS:
+                v = s.get(a)
+                cells.append(f"{'-':>10}" if v is None or v != v else f"{v:>10.3f}")
+            lines.append(f"{name:<24}" + "".join(cells))
+    skipped = skipped_prompts(report)
+    if skipped:
+        lines.append(f"not scored (outside the shapes grammar): {', '.join(map(repr, skipped))}")
     return "\n".join(lines)

@@ -117,7 +117,8 @@ def _card(model: model_lib.Model, source: str, scores: dict | None, sizes: dict,
         lines += ["| prompts | " + " | ".join(scores["columns"]) + " |"]
         lines += ["|---" * (len(scores["columns"]) + 1) + "|"]
         for row, values in scores["rows"].items():
-            lines.append(f"| {row} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+            cells = ("-" if v is None or v != v else f"{v:.3f}" for v in values)
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,17 +128,15 @@ def _scores(workdir: str) -> dict | None:
     if not storage.exists(path):
         return None
     report = storage.read_json(path)
-    columns = ["color", "shape", "size", "position", "all"]
+    columns = ["color", "shape", "size", "position", "relation", "count", "all"]
     rows = {}
-    for split in ("seen", "held_out"):
+    for split in report.get("groups", ("seen", "held_out")):
         if split not in report:
             continue
         if "base_scores" in report[split]:
-            rows[f"{split}, base stage"] = [
-                report[split]["base_scores"].get(c, float("nan")) for c in columns
-            ]
+            rows[f"{split}, base stage"] = [report[split]["base_scores"].get(c) for c in columns]
         name = f"{split}, cascade" if "base_scores" in report[split] else split
-        rows[name] = [report[split]["scores"].get(c, float("nan")) for c in columns]
+        rows[name] = [report[split]["scores"].get(c) for c in columns]
     return {"columns": columns, "rows": rows}
 
 

@@ -37,8 +37,9 @@ _SHARD_ROWS = 1024  # At most: appends of `chunk_size` rows then fill whole shar
 def collect_captions(config, workdir: str, splits, prompts_file: str | None) -> list[str]:
     """Distinct captions in a deterministic order: "", eval prompts, prompts file, dataset splits."""
     from muse_jax.data import tasks
+    from muse_jax.prompt_groups import all_prompts
 
-    captions = ["", *config.eval.seen_prompts, *config.eval.held_out_prompts]
+    captions = ["", *all_prompts(config.eval)]
     if prompts_file:
         if not storage.exists(prompts_file):
             raise FileNotFoundError(f"--prompts_file {prompts_file} does not exist.")

@@ -266,4 +266,4 @@ class BaseStage(stage.Stage):
         image = summaries.upscale(summaries.grid(out.array, columns=4 * 2), 2)
         writer.write_images(step, {"samples": image[None]})
         scores = shapes_alignment.score_or_empty(out.array, out.captions)
-        return {f"eval/alignment_{k}": v for k, v in scores.items() if k != "count"}
+        return {f"eval/alignment_{k}": v for k, v in scores.items() if k != "n"}

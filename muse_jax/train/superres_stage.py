@@ -105,4 +105,4 @@ class SuperResStage(BaseStage):
             scores = alignment.score(images, captions)
         except ValueError:  # Captions outside the shapes grammar.
             return {}
-        return {f"eval/superres_alignment_{k}": v for k, v in scores.items() if k != "count"}
+        return {f"eval/superres_alignment_{k}": v for k, v in scores.items() if k != "n"}
