@@ -154,7 +154,7 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
         dict(
             **preset["superres"],
             dtype="bfloat16",
-            aligned_lowres=False,
+            aligned_lowres="none",
             remat="full",
             scan_layers=True,
         )

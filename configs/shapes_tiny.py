@@ -172,7 +172,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 )
             ),
             restart_dead_codes_every=50,  # 0 disables re-seeding of unused codebook entries.
-            train=_train(batch_size=32, num_steps=400, lr=2e-3),
+            # 1000 steps: the base stage can draw only what this tokenizer reconstructs, and
+            # shapes keep sharpening well past 400 (BENCHMARKS.md, "Quality ablations").
+            train=_train(batch_size=32, num_steps=1000, lr=2e-3),
         )
     )
 
@@ -261,7 +263,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     # the paper's cross-attention path): measured on this default, cross-
                     # attention alone does not learn to follow the low-res layout in a few
                     # minutes of CPU training (README). False is the paper's model.
-                    aligned_lowres=True,
+                    aligned_lowres="subpixel",
                 )
             ),
             mask_schedule="cosine",
@@ -397,8 +399,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the dataset build and the evaluation phase ~2 min even on a machine half as fast. On the
     # reference 2-core machine every stage ends well inside its budget (BENCHMARKS.md, section
     # "Embedded default, end to end (CPU)").
-    config.tokenizer.train.time_budget_s = 170.0
-    config.base.train.time_budget_s = 370.0
+    config.tokenizer.train.time_budget_s = 200.0
+    config.base.train.time_budget_s = 340.0
     config.superres_tokenizer.train.time_budget_s = 30.0
     config.superres.train.time_budget_s = 160.0
     config.decoder.train.time_budget_s = 30.0

@@ -4,8 +4,9 @@ r"""Makes the README's pictures in docs/ from one main-job run, so pictures and 
     python docs/make_pictures.py --config=configs/shapes_tiny.py --workdir=runs/shapes
 
 Writes, from that workdir:
-- `cascade_seen.png`, `cascade_held_out.png`, `shapes_seen.png`, `shapes_held_out.png`: the
-  grids the main job scored (`<workdir>/samples/`: the cascade's, and the base stage's own);
+- `cascade_<group>.png` and `shapes_<group>.png` for the prompt groups seen, held_out and
+  two_object: the grids the main job scored (`<workdir>/samples/`: the cascade's, and the base
+  stage's own);
 - `edit_inpaint.png` (input, mask, 4 edits), `edit_outpaint.png` (input, 4 outpaintings) and
   `edit_maskfree.png` (input, 4 edits): the README's editing examples on the cascade's sample of
   "a large red circle on the left" at seed 0.
@@ -22,11 +23,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+GROUPS = ("seen", "held_out", "two_object")
 GRIDS = {  # docs name -> the main job's grid under <workdir>/samples.
-    "cascade_seen.png": "seen.png",
-    "cascade_held_out.png": "held_out.png",
-    "shapes_seen.png": "base_seen.png",
-    "shapes_held_out.png": "base_held_out.png",
+    **{f"cascade_{g}.png": f"{g}.png" for g in GROUPS},
+    **{f"shapes_{g}.png": f"base_{g}.png" for g in GROUPS},
 }
 PROMPT = "a large red circle on the left"
 

@@ -125,7 +125,7 @@ def test_evaluation_samples_a_prompt_outside_the_grammar_and_skips_only_its_scor
     assert held["per_prompt_all"][odd] is None
     grid = np.asarray(Image.open(os.path.join(workdir, "samples", "held_out.png")))
     assert grid.shape[0] >= 32 * 4 * 2
-    assert f"outside the shapes grammar: {odd!r}" in report_lib.table(report)
+    assert f"(outside the shapes grammar): {odd!r}" in report_lib.table(report)
 
 
 @pytest.mark.slow
@@ -179,7 +179,11 @@ def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cas
     for name, count in widths.items():
         picture = Image.open(tmp_path / name)
         assert picture.size == (2 * (count * (side + 2) + 2), 2 * (side + 4)), name
-    copies = {"cascade_seen.png": "seen.png", "shapes_held_out.png": "base_held_out.png"}
+    copies = {
+        "cascade_seen.png": "seen.png",
+        "shapes_held_out.png": "base_held_out.png",
+        "cascade_two_object.png": "two_object.png",
+    }
     for name, source in copies.items():
         scored = os.path.join(workdir, "samples", source)
         assert (tmp_path / name).read_bytes() == open(scored, "rb").read(), name

@@ -53,7 +53,8 @@ def test_registry_and_config_errors_name_the_key(smoke_config, tmp_path):
     ev.clip.checkpoint = str(tmp_path / "missing")
     with pytest.raises(metrics.MetricConfigError, match="config.eval.clip.checkpoint=.*no such"):
         build("clip")
-    ev.seen_prompts = ["a photo of a dog"]
+    ev.seen_prompts = ["a photo of a dog"]  # Only when no group has a prompt of the grammar.
+    ev.held_out_prompts, ev.two_object_prompts = [], []
     with pytest.raises(metrics.MetricConfigError, match="shapes grammar.*'a photo of a dog'"):
         build("alignment")
 
@@ -75,11 +76,12 @@ def test_full_batches_feed_only_full_batches_and_keep_order():
 
 
 def test_chunks_give_every_sampler_call_one_shape(smoke_config):
-    ev = smoke_config.eval  # 2 seen prompts, 1 held-out prompt, 2 samples each.
+    ev = smoke_config.eval  # 2 seen prompts, 1 held-out, 1 two-object prompt, 2 samples each.
     got = list(evaluator.chunks(smoke_config, ""))
     assert [(c.group, c.prompts, c.seed, c.size) for c in got] == [
         ("seen", list(ev.seen_prompts), 1, 2),
         ("held_out", list(ev.held_out_prompts), 1, 2),
+        ("two_object", list(ev.two_object_prompts), 1, 2),
     ]
     assert got[1].padded() == [ev.held_out_prompts[0]] * 2
     ev.batch_size = 3  # One prompt (2 images) per call; seeds count up within a group.
@@ -88,6 +90,7 @@ def test_chunks_give_every_sampler_call_one_shape(smoke_config):
         ("seen", 1, 1, 1),
         ("seen", 1, 2, 1),
         ("held_out", 1, 1, 1),
+        ("two_object", 1, 1, 1),
     ]
 
 
@@ -223,10 +226,10 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
     _, run_dir, record, proc = cascade_run
     assert record["step"] == 6 and record["stages"] == "cascade"
     assert record["steps"] == {"base": 6, "superres": 6, "decoder": 6}
-    assert record["num_images"] == 6 and record["image_size"] == 64
+    assert record["num_images"] == 8 and record["image_size"] == 64  # 4 prompts, 2 each.
     values = record["metrics"]
     assert {"clip_score", "clip_score_01", "fid"} <= set(values)
-    for group in ("seen", "held_out", "base_only/seen", "base_only/held_out"):
+    for group in ("seen", "held_out", "two_object", "base_only/seen", "base_only/two_object"):
         for attr in ("color", "shape", "size", "position", "all"):
             assert f"alignment/{group}/{attr}" in values
     assert values["fid"] > 0 and np.isfinite(values["fid"])
@@ -265,20 +268,21 @@ def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_ru
     seen = alignment_eval.generate(
         pipe, list(config.eval.seen_prompts), samples_per_prompt=2, seed=1
     )
-    # The held-out group (1 prompt) is padded to the seen group's 2 prompts: one sampler shape.
-    held_prompt = config.eval.held_out_prompts[0]
-    held = alignment_eval.generate(pipe, [held_prompt] * 2, samples_per_prompt=2, seed=1)
+    # The one-prompt groups are padded to the seen group's 2 prompts: one sampler shape.
+    expected = {"seen": _finite(seen.scores), "base_only/seen": _finite(seen.lowres_scores)}
+    images, captions = [seen.images], list(seen.captions)
+    for group in ("held_out", "two_object"):
+        prompt = config.eval[f"{group}_prompts"][0]
+        out = alignment_eval.generate(pipe, [prompt] * 2, samples_per_prompt=2, seed=1)
+        expected[group] = _finite(alignment.score(out.images[:2], out.captions[:2]))
+        low = alignment.score(out.lowres_images[:2], out.captions[:2])
+        expected[f"base_only/{group}"] = _finite(low)
+        images.append(out.images[:2])
+        captions += out.captions[:2]
     values = record["metrics"]
-    expected = {
-        "seen": _finite(seen.scores),
-        "base_only/seen": _finite(seen.lowres_scores),
-        "held_out": _finite(alignment.score(held.images[:2], held.captions[:2])),
-        "base_only/held_out": _finite(alignment.score(held.lowres_images[:2], held.captions[:2])),
-    }
     for group, scores in expected.items():
         assert {k: values[f"alignment/{group}/{k}"] for k in scores} == scores, group
-    images = np.concatenate([seen.images, held.images[:2]])
-    captions = seen.captions + held.captions[:2]
+    images = np.concatenate(images)
     score = clip.CLIPScorer.from_pretrained(weights["clip"], batch_size=8).score(images, captions)
     assert values["clip_score"] == pytest.approx(score.clip_score, rel=1e-5)
     # `step` swaps in an older base checkpoint; the other stages stay at their latest.

@@ -134,11 +134,19 @@ def superres_transformer(config) -> SuperResTransformer:
         mlp_dim=m.mlp_dim,
         dropout=m.get("dropout", 0.0),
         dtype=get_dtype(m.get("dtype", "float32")),
-        aligned_lowres=m.get("aligned_lowres", False),
+        aligned_lowres=aligned_lowres(m.get("aligned_lowres", "none")),
         attention=m.get("attention", "auto"),
         remat=m.get("remat", "none"),
         scan_layers=bool(m.get("scan_layers", False)),
     )
+
+
+def aligned_lowres(value: bool | str) -> str:
+    """The super-res model's `aligned_lowres` mode; the booleans of earlier configs and
+    exported models read as "parent" (True) and "none" (False)."""
+    if isinstance(value, bool):
+        return "parent" if value else "none"
+    return value
 
 
 _TEXT_ENCODERS = ("tiny", "t5", "clip")

@@ -303,6 +303,9 @@ class TinyTextEncoder(nn.Module):
         return (x * mask[..., None]).astype(jnp.float32)
 
 
+ALIGNED_LOWRES = ("none", "parent", "subpixel")
+
+
 class SuperResTransformer(nn.Module):
     """Muse's super-resolution transformer: high-res tokens given low-res tokens and text.
 
@@ -323,10 +326,13 @@ class SuperResTransformer(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
-    # Also add each high-res position's parent low-res features to its input embedding (not in
-    # the paper, which reads the low-res tokens through cross-attention only): a spatially
-    # aligned path that small, briefly trained models learn to follow far sooner.
-    aligned_lowres: bool = False
+    # A spatially aligned path beside the paper's cross-attention (which it does not have):
+    # each high-res position's input embedding gets a projection of its parent low-res
+    # features. "parent": one projection, the same for the f*f children of a parent; "subpixel":
+    # one per child position (a sub-pixel convolution), so that every child learns its own part
+    # of its parent, as it must to draw edges inside it; "none": the paper's model. Small,
+    # briefly trained models learn to follow this path far sooner than cross-attention.
+    aligned_lowres: str = "none"
     attention: str = "auto"
     remat: str = "none"  # Both stacks; see `REMAT_POLICIES`.
     scan_layers: bool = False  # The high-res stack (the low-res encoder stays unrolled).
@@ -336,8 +342,15 @@ class SuperResTransformer(nn.Module):
         return self.vocab_size
 
     def setup(self) -> None:
-        if self.aligned_lowres:
-            self.aligned_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
+        if self.aligned_lowres not in ALIGNED_LOWRES:
+            raise ValueError(
+                f"aligned_lowres={self.aligned_lowres!r}; valid: {', '.join(ALIGNED_LOWRES)}"
+            )
+        if self.aligned_lowres != "none":
+            children = self._factor() ** 2 if self.aligned_lowres == "subpixel" else 1
+            self.aligned_proj = layers.dense(
+                children * self.width, "context_embed", "embed", self.dtype
+            )
         self.lowres = TinyTextEncoder(
             vocab_size=self.lowres_vocab_size,
             max_length=self.lowres_len,
@@ -377,16 +390,29 @@ class SuperResTransformer(nn.Module):
         low = self.lowres(lowres_tokens, jnp.ones_like(lowres_tokens))
         ctx = jnp.concatenate([self.text_proj(context).astype(low.dtype), low], axis=1)
         mask = jnp.concatenate([context_mask, jnp.ones_like(lowres_tokens)], axis=1)
-        aligned = self.aligned_proj(self._upsample(low)) if self.aligned_lowres else None
+        aligned = None
+        if self.aligned_lowres != "none":
+            aligned = self._upsample(self.aligned_proj(low))
         return (self.high.encode_context(ctx), aligned), mask
 
+    def _factor(self) -> int:
+        """High-res tokens per low-res token along each side."""
+        side, high_side = round(self.lowres_len**0.5), round(self.seq_len**0.5)
+        if side * side != self.lowres_len or high_side % side:
+            raise ValueError(
+                f"{self.seq_len} high-res tokens do not tile {self.lowres_len} low-res"
+            )
+        return high_side // side
+
     def _upsample(self, low: jax.Array) -> jax.Array:
-        """[B, l*l, W] low-res features -> [B, L, W]: each high-res token gets its parent's."""
-        b, n, w = low.shape
-        side, high_side = round(n**0.5), round(self.seq_len**0.5)
-        f = high_side // side
-        chex.assert_equal(side * f, high_side)
-        grid = low.reshape(b, side, 1, side, 1, w)
+        """[B, l*l, C] low-res features -> [B, L, width]. C == width: each high-res token gets its
+        parent's features; C == f*f*width: child (i, j) of a parent gets its slice i*f + j."""
+        b, n, c = low.shape
+        f, side, w = self._factor(), round(n**0.5), self.width
+        grid = low.reshape(b, side, 1, side, 1, w) if c == w else None
+        if grid is None:
+            chex.assert_equal(c, f * f * w)
+            grid = low.reshape(b, side, side, f, f, w).transpose(0, 1, 3, 2, 4, 5)
         grid = jnp.broadcast_to(grid, (b, side, f, side, f, w))
         return constrain(grid.reshape(b, self.seq_len, w), "batch", "length", "embed")
 
