@@ -229,9 +229,10 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
     assert record["num_images"] == 8 and record["image_size"] == 64  # 4 prompts, 2 each.
     values = record["metrics"]
     assert {"clip_score", "clip_score_01", "fid"} <= set(values)
+    single, two = ("size", "position"), ("relation",)
     for group in ("seen", "held_out", "two_object", "base_only/seen", "base_only/two_object"):
-        for attr in ("color", "shape", "size", "position", "all"):
-            assert f"alignment/{group}/{attr}" in values
+        for attr in ("color", "shape", "count", "all") + (two if "two" in group else single):
+            assert f"alignment/{group}/{attr}" in values, (group, attr)
     assert values["fid"] > 0 and np.isfinite(values["fid"])
     assert values["clip_score_01"] == pytest.approx(values["clip_score"] / 100)
     assert set(record["wall_s"]) == {"load", "generate", "alignment", "clip", "fid"}

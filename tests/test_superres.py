@@ -107,6 +107,41 @@ def test_lowres_tokens_reach_each_examples_logits(random_cascade):
     assert before.shape == (2, tr.seq_len, config.superres_tokenizer.model.codebook_size)
 
 
+@pytest.mark.parametrize("mode", ["parent", "subpixel"])
+def test_aligned_lowres_gives_each_high_res_token_its_parents_projection(mode):
+    from muse_jax.models import factory
+    from muse_jax.models.transformer import SuperResTransformer
+
+    w, f = 8, 2  # A 2x2 low-res grid under a 4x4 high-res grid.
+    tr = SuperResTransformer(
+        vocab_size=5, seq_len=16, lowres_vocab_size=7, lowres_len=4, width=w, depth=1,
+        lowres_depth=1, num_heads=2, mlp_dim=16, aligned_lowres=mode,
+    )  # fmt: skip
+    low_tokens = jnp.array([[1, 2, 3, 4]], jnp.int32)
+    text, text_mask = jnp.ones((1, 3, 6)), jnp.ones((1, 3), jnp.int32)
+    tokens = jnp.full((1, 16), tr.mask_id, jnp.int32)
+    params = nn.unbox(tr.init(jax.random.PRNGKey(0), tokens, text, text_mask, low_tokens))
+    (_, aligned), _ = tr.apply(params, text, text_mask, low_tokens, method=tr.encode_context)
+    feats = tr.apply(
+        params, low_tokens, jnp.ones_like(low_tokens), method=lambda m, t, k: m.lowres(t, k)
+    )
+    proj = params["params"]["aligned_proj"]
+    y = np.asarray(feats[0]) @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"])
+    got = np.asarray(aligned[0]).reshape(4, 4, w)
+    for r in range(4):
+        for c in range(4):
+            parent = (r // f) * 2 + c // f
+            child = (r % f) * f + c % f if mode == "subpixel" else 0
+            np.testing.assert_allclose(got[r, c], y[parent, child * w : (child + 1) * w], atol=1e-5)
+    # Sub-pixel children of one parent differ; "parent" children are one vector.
+    assert (np.abs(got[0, 0] - got[0, 1]).max() > 1e-3) == (mode == "subpixel")
+    assert factory.aligned_lowres(True) == "parent" and factory.aligned_lowres(False) == "none"
+    with pytest.raises(ValueError, match="valid: none, parent, subpixel"):
+        tr.clone(aligned_lowres="bilinear").init(
+            jax.random.PRNGKey(0), tokens, text, text_mask, low_tokens
+        )
+
+
 def test_cascade_returns_high_res_images_and_keeps_fixed_tokens_at_both_levels(random_cascade):
     config, base, sr, params, cond, uncond = random_cascade
     sampler = CascadeSampler(base.sampler, sr.sampler)
