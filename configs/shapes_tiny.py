@@ -225,7 +225,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             mask_schedule="cosine",
             cond_dropout=0.1,
             label_smoothing=0.1,
-            train=_train(batch_size=64, num_steps=600, lr=1e-3),
+            train=_train(batch_size=64, num_steps=900, lr=1e-3),
         )
     )
 
@@ -259,17 +259,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     attention="auto",
                     remat="none",  # As config.base.model's (both stacks).
                     scan_layers=False,  # The high-res stack.
-                    # Add each high-res token's parent low-res features to its input (beside
-                    # the paper's cross-attention path): measured on this default, cross-
-                    # attention alone does not learn to follow the low-res layout in a few
-                    # minutes of CPU training (README). False is the paper's model.
+                    # Add to each high-res token's input a projection of its parent's 3x3
+                    # low-res neighbourhood, one per child position (beside the paper's
+                    # cross-attention, which alone does not learn to follow the low-res layout
+                    # in minutes of CPU training; "parent" shares one projection of the parent
+                    # among its children and draws far worse edges: BENCHMARKS.md, "Quality
+                    # ablations"). "none" is the paper's model.
                     aligned_lowres="subpixel",
                 )
             ),
             mask_schedule="cosine",
             cond_dropout=0.1,  # Drops the text only: the low-res tokens are always given.
             label_smoothing=0.1,
-            train=_train(batch_size=16, num_steps=300, lr=1e-3),
+            train=_train(batch_size=16, num_steps=500, lr=1e-3),
             # Its own decoding settings (the paper: ~24 base steps, ~8 super-res steps).
             sampling=ml_collections.ConfigDict(
                 dict(
@@ -395,14 +397,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # Wall-clock caps that keep the main job within 15 minutes on slower machines than the
     # reference one: a stage that reaches its budget stops there with a checkpoint (fewer steps,
-    # a learning rate not yet decayed; rerunning resumes it). They sum to 12.7 min, leaving
-    # the dataset build and the evaluation phase ~2 min even on a machine half as fast. On the
-    # reference 2-core machine every stage ends well inside its budget (BENCHMARKS.md, section
-    # "Embedded default, end to end (CPU)").
+    # a learning rate not yet decayed; rerunning resumes it). They sum to 13.2 min, leaving
+    # the evaluation phase ~1.5 min. On the reference 2-core machine every stage ends inside
+    # its budget, the tokenizer just (BENCHMARKS.md, section "Embedded default, end to end
+    # (CPU)").
     config.tokenizer.train.time_budget_s = 200.0
-    config.base.train.time_budget_s = 340.0
+    config.base.train.time_budget_s = 330.0
     config.superres_tokenizer.train.time_budget_s = 30.0
-    config.superres.train.time_budget_s = 160.0
+    config.superres.train.time_budget_s = 200.0
     config.decoder.train.time_budget_s = 30.0
 
     if arg == "smoke":

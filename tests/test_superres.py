@@ -126,7 +126,11 @@ def test_aligned_lowres_gives_each_high_res_token_its_parents_projection(mode):
         params, low_tokens, jnp.ones_like(low_tokens), method=lambda m, t, k: m.lowres(t, k)
     )
     proj = params["params"]["aligned_proj"]
-    y = np.asarray(feats[0]) @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"])
+    x = np.asarray(feats[0])
+    if mode == "subpixel":  # Each token's 3x3 neighbourhood, zeros past the border.
+        grid = np.pad(x.reshape(2, 2, w), ((1, 1), (1, 1), (0, 0)))
+        x = np.stack([grid[r : r + 3, c : c + 3].reshape(-1) for r in range(2) for c in range(2)])
+    y = x @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"])
     got = np.asarray(aligned[0]).reshape(4, 4, w)
     for r in range(4):
         for c in range(4):
