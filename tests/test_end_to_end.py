@@ -150,6 +150,28 @@ def test_sample_binary_runs_the_cascade_by_default(trained_cascade, tmp_path):
     assert base_grid.shape[:2] == ((lr + 2) * s, (2 * (lr + 1) + 1) * s)
 
 
+def _check_frechet(config, workdir, report, scalars):
+    """The report's Fréchet distances, and that the features tell real scenes from blanks."""
+    from muse_jax.data import shapes
+    from muse_jax.eval import report as report_lib
+    from muse_jax.eval import tokenizer_frechet
+    from muse_jax.inference.pipeline import MusePipeline
+
+    n, fd = config.eval.samples_per_prompt, report["frechet"]
+    prompts = [p for g in report["groups"] for p in report[g]["prompts"]]
+    assert fd["n"] == n * len(prompts)
+    for name in ("cascade", "base_upsampled", "real_floor"):
+        assert np.isfinite(fd[name]) and fd[name] >= -1e-6, name
+        assert scalars[f"frechet/{name}"][6] == pytest.approx(fd[name], rel=1e-5), name
+    assert "real vs real" in report_lib.table(report)
+    model = MusePipeline.from_workdir(config, workdir, stages="cascade").model
+    rng, side = np.random.default_rng(5), config.data.hr_image_size
+    scenes = [shapes.scene_from_caption(p, rng) for p in prompts for _ in range(n)]
+    real = np.stack([shapes.render(scene, side) for scene in scenes])
+    d = tokenizer_frechet.distances(model, {"real": real, "blank": 0 * real}, prompts, n)
+    assert d["blank"] > 2 * max(d["real"], d["real_floor"]), d
+
+
 @pytest.mark.slow
 def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cascade, tmp_path):
     from muse_jax.eval import reconstruction
@@ -169,6 +191,7 @@ def test_cascade_evaluation_scores_base_and_cascade_and_the_decoders(trained_cas
         scalars["alignment/base_seen/color"][6], report["seen"]["base_scores"]["color"], rtol=1e-6
     )
     assert "cascade" in report_lib.table(report)
+    _check_frechet(config, workdir, report, scalars)
     # docs/make_pictures.py makes the README's pictures from this same run.
     done = run_python(
         "docs/make_pictures.py", f"--config={CONFIG}", f"--workdir={workdir}", f"--out={tmp_path}"

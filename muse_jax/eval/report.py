@@ -91,9 +91,33 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
                 np.stack(real), readable
             )[0]
         report[group] = entry
+    if cascade:
+        report["frechet"] = _frechet(pipe.model, report, every, n)
+        writer.write_scalars(
+            step, {f"frechet/{k}": v for k, v in report["frechet"].items() if k != "n"}
+        )
     writer.flush()
     storage.write_json(storage.join(workdir, "alignment.json"), report)
     return report
+
+
+def _frechet(model, report: dict, every, n: int) -> dict:
+    """The cascade's and the upsampled base stage's Fréchet distances to real renderings of the
+    scored prompts, with the real-vs-real floor (`muse_jax.eval.tokenizer_frechet`)."""
+    from muse_jax.eval import tokenizer_frechet
+
+    keep, prompts, start = [], [], 0
+    for group in report["groups"]:
+        for p in report[group]["prompts"]:
+            if p not in report[group]["skipped_prompts"]:
+                keep.extend(range(start, start + n))
+                prompts.append(p)
+            start += n
+    images, low = every.images[keep], every.lowres_images[keep]
+    scale = images.shape[1] // low.shape[1]
+    upsampled = low.repeat(scale, axis=1).repeat(scale, axis=2)
+    outputs = {"cascade": images, "base_upsampled": upsampled}
+    return tokenizer_frechet.distances(model, outputs, prompts, n)
 
 
 def skipped_prompts(report: dict) -> list[str]:
@@ -120,6 +144,13 @@ def table(report: dict) -> str:
                 v = s.get(a)
                 cells.append(f"{'-':>10}" if v is None or v != v else f"{v:>10.3f}")
             lines.append(f"{name:<24}" + "".join(cells))
+    fd = report.get("frechet")
+    if fd:
+        lines.append(
+            f"Fréchet distance to real renderings (high-res tokenizer features, {fd['n']} images):"
+            f" cascade {fd['cascade']:.3f}, base upsampled {fd['base_upsampled']:.3f},"
+            f" real vs real {fd['real_floor']:.3f}"
+        )
     skipped = skipped_prompts(report)
     if skipped:
         lines.append(f"not scored (outside the shapes grammar): {', '.join(map(repr, skipped))}")
