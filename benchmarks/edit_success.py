@@ -4,7 +4,8 @@ Each single-object seen prompt of the config is rendered (a real scene, at the c
 and edited three ways: its colour, its shape and its position changed in the prompt. An edit
 succeeds when the pixel checker finds every attribute of the edited prompt (the new one and the
 kept ones) in the result. Two editors:
-  - mask-free (`MusePipeline.edit`, the README's command);
+  - mask-free (`MusePipeline.edit`, the README's command; `--critic=0` for the uniform choice
+    of tokens to re-sample);
   - inpainting (`MusePipeline.inpaint`) with the mask a user would draw: the source object and
     the edited object's place, dilated by a few pixels.
 
@@ -24,6 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (the main 
 _PER_EDIT = flags.DEFINE_integer("per_edit", 4, "Edited images per source and edit kind.")
 _SEED = flags.DEFINE_integer("seed", 3, "Layouts and edit sampling.")
 _DILATION = flags.DEFINE_integer("mask_dilation", 3, "Pixels added around the inpainting mask.")
+_ITERATIONS = flags.DEFINE_integer("iterations", 4, "Mask-free: re-sampling rounds.")
+_FRACTION = flags.DEFINE_float("resample_fraction", 0.25, "Mask-free: tokens per round.")
+_CRITIC = flags.DEFINE_float("critic", 10.0, "Mask-free: the text critic's weight (0: uniform).")
 
 OPPOSITE = {
     "on the left": "on the right",
@@ -81,7 +85,11 @@ def main(_):
             region = shapes.object_mask(obj, size) | shapes.object_mask(obj_after, size)
             region = ndimage.binary_dilation(region, iterations=_DILATION.value)
             outs = {
-                "mask-free": pipe.edit(image, target, num_images=k, seed=_SEED.value + i),
+                "mask-free": pipe.edit(
+                    image, target, num_images=k, seed=_SEED.value + i,
+                    iterations=_ITERATIONS.value, resample_fraction=_FRACTION.value,
+                    critic=_CRITIC.value,
+                ),
                 "inpaint": pipe.inpaint(
                     image, region.astype(np.uint8) * 255, target, num_images=k,
                     seed=_SEED.value + i,
@@ -90,6 +98,10 @@ def main(_):
             for mode, out in outs.items():
                 wins[mode, kind] += [all(alignment.check(x, target).values()) for x in out.array]
         print(f"[edit_success] {i + 1}/{len(sources)} sources", flush=True)
+    print(
+        f"mask-free: {_ITERATIONS.value} rounds x {_FRACTION.value:.0%} re-sampled, critic "
+        f"{_CRITIC.value:g}"
+    )
     print(f"{len(sources)} sources x {k} edits each, {size}x{size}; success = every attribute of")
     print("the edited prompt found (the edited one changed, the others kept)")
     print(f"{'edit':<10}{'mask-free':>12}{'inpaint':>12}")

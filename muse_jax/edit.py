@@ -6,7 +6,8 @@ r"""Binary: zero-shot editing with a trained experiment (same sampler as generat
       --output_dir=/tmp/edit
   # Outpainting: extend the image by left,top,right,bottom pixels (of IN.png).
   python -m muse_jax.edit ... --mode=outpaint --pad=0,0,16,0 --prompt="..."
-  # Mask-free: 4 rounds, each re-sampling 25% of the tokens under the new prompt.
+  # Mask-free: 4 rounds, each re-sampling 25% of the tokens under the new prompt, those the
+  # prompt explains worst first (--critic=0: uniformly).
   python -m muse_jax.edit ... --mode=maskfree --iterations=4 --resample_fraction=0.25 \
       --prompt="..."
 
@@ -41,6 +42,12 @@ _PAD = flags.DEFINE_string(
     "pad", None, "outpaint: 'left,top,right,bottom' pixels (of the input) to add, or one number."
 )
 _ITERATIONS = flags.DEFINE_integer("iterations", 4, "maskfree: re-sampling rounds.")
+_CRITIC = flags.DEFINE_float(
+    "critic",
+    10.0,
+    "maskfree: weight of the text critic that picks the tokens to re-sample (those the new "
+    "prompt explains worse than no prompt first); 0 picks uniformly.",
+)
 _FRACTION = flags.DEFINE_float(
     "resample_fraction", 0.25, "maskfree: fraction of the tokens re-sampled per round."
 )
@@ -131,6 +138,7 @@ def main(argv):
             prompt,
             iterations=_ITERATIONS.value,
             resample_fraction=_FRACTION.value,
+            critic=_CRITIC.value,
             **kwargs,
         )
     for note in out.notes:
@@ -174,6 +182,7 @@ def main(argv):
         record.update(
             iterations=_ITERATIONS.value,
             resample_fraction=_FRACTION.value,
+            critic=_CRITIC.value,
             changed_per_iteration=[c.tolist() for c in res.changed_per_iteration],
         )
     if mode == "outpaint":

@@ -159,6 +159,43 @@ def test_inpaint_outpaint_maskfree_with_the_generation_sampler(smoke_model):
     assert sampler._jitted._cache_size() == 1
 
 
+@pytest.mark.slow
+def test_maskfree_critic_resamples_the_tokens_the_prompt_explains_worst(smoke_model):
+    config, sampler, params, conditioner = smoke_model
+    n, size = 2, config.data.image_size
+    cond = conditioner.encode(["a large blue square on the left"] * n)
+    uncond = {k: np.repeat(v, n, 0) for k, v in conditioner.encode([""]).items()}
+
+    class Recording(editing.SamplerStage):
+        def sample(self, init_tokens, *args, **kw):
+            self.masks.append(np.asarray(init_tokens) == self.mask_id)
+            return super().sample(init_tokens, *args, **kw)
+
+    stage = Recording(sampler, params, size)
+    stage.masks = []
+    images, _ = _scene_batch(n, size)
+    ids = stage.tokenize(images)
+    contrast = stage.text_contrast(ids, cond, uncond)
+    assert contrast.shape == ids.shape and np.isfinite(contrast).all()
+    assert np.abs(contrast).max() > 1e-4  # The prompt matters...
+    np.testing.assert_allclose(stage.text_contrast(ids, cond, cond), 0, atol=1e-5)  # ...alone.
+    # A weight that outweighs the Gumbel noise: round one re-samples the lowest-scoring tokens.
+    count = round(0.25 * ids.shape[1])
+    editing.maskfree_edit(
+        [stage], images, cond, uncond, jax.random.PRNGKey(3), iterations=1,
+        resample_fraction=0.25, critic=1e6,
+    )  # fmt: skip
+    lowest = np.argsort(contrast, axis=-1, kind="stable")[:, :count]
+    expected = np.zeros_like(stage.masks[0])
+    np.put_along_axis(expected, lowest, True, axis=-1)
+    np.testing.assert_array_equal(stage.masks[0], expected)
+    with pytest.raises(ValueError, match="critic must be >= 0"):
+        editing.maskfree_edit(
+            [stage], images, cond, uncond, jax.random.PRNGKey(3), iterations=1,
+            resample_fraction=0.25, critic=-1.0,
+        )  # fmt: skip
+
+
 def _edit(*args):
     return run_module("muse_jax.edit", f"--config={CONFIG}", *args)
 

@@ -335,6 +335,7 @@ class MusePipeline:
         feather: int = 1,
         iterations: int = 4,
         resample_fraction: float = 0.25,
+        critic: float = 10.0,
     ) -> EditOutput:
         check_prompt(prompt)
         if num_images < 1:
@@ -360,6 +361,7 @@ class MusePipeline:
                 rng,
                 iterations=iterations,
                 resample_fraction=resample_fraction,
+                critic=critic,
                 feather=feather,
             )
         else:
@@ -413,7 +415,8 @@ class MusePipeline:
 
     def edit(self, image, prompt: str, **kwargs) -> EditOutput:
         """Mask-free editing: `iterations` rounds each re-sampling `resample_fraction` of the
-        base tokens under `prompt`. Keyword arguments as `inpaint`."""
+        base tokens under `prompt`, chosen first where the prompt explains them worst (weight
+        `critic`; 0 chooses uniformly). Keyword arguments as `inpaint`."""
         size = self.image_size(kwargs.get("stages"))
         im = images_lib.as_pil(image).convert("RGB")
         arr, note = images_lib.fit_square(im, size, Image.Resampling.LANCZOS)

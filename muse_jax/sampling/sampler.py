@@ -180,6 +180,27 @@ class MuseSampler:
             choice_temperature=cfg.choice_temperature,
         )
 
+    def text_contrast(
+        self,
+        params: dict[str, Any],
+        tokens: jax.Array,
+        cond: dict[str, jax.Array],
+        uncond: dict[str, jax.Array],
+    ) -> jax.Array:
+        """[B, L]: log p(token | cond) - log p(token | uncond) for every token of a complete
+        [B, L] grid, all visible. Low where the prompt explains a token worse than no prompt
+        does: the tokens a mask-free edit should re-sample first (a text critic)."""
+        chex.assert_trees_all_equal_shapes(cond, uncond)
+        tr, tp = self.transformer, {"params": params["transformer"]}
+
+        def log_probs(text):
+            kv, ctx_mask = self._context(tp, self._encode(params, text), text["text_mask"], None)
+            logits = tr.apply(tp, tokens, kv, ctx_mask, method=tr.logits)
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+        return log_probs(cond) - log_probs(uncond)
+
     def decode_pixels(self, params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return self.tokenizer.apply(
             {"params": params["vq"]}, tokens, method=self.tokenizer.decode_ids
