@@ -333,13 +333,14 @@ def test_score_reports_unstated_attributes_as_nan():
 
 
 def test_ideal_shapes_are_the_renderers():
-    """The shapes the checker fits are exactly those `shapes.object_mask` draws."""
+    """The geometry the checker fits (`shapes.shape_mask`) is what `shapes.object_mask` draws,
+    pixel centres in canvas fractions."""
     rng = np.random.default_rng(0)
     for size in SIZES:
         coords = (np.arange(size) + 0.5) / size
         for _ in range(60):
             obj = shapes.sample_scene(rng, two_object_prob=0.0).objects[0]
-            got = alignment.ideal_shape_mask(
+            got = shapes.shape_mask(
                 obj.shape, coords[None, :], coords[:, None], obj.cx, obj.cy, obj.extent
             )
             np.testing.assert_array_equal(got, shapes.object_mask(obj, size))

@@ -278,24 +278,28 @@ def scene_from_caption(text: str, rng: np.random.Generator) -> Scene:
     )
 
 
+def shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx, cy, extent) -> np.ndarray:
+    """Whether points (x, y) lie inside `shape` with bounding-box centre (cx, cy) and side
+    `extent` (canvas fractions or pixels alike). Triangles point up: the half-width grows by
+    0.5 per unit of depth, so base width == height == extent. Arguments broadcast, so one call
+    can test many candidate shapes (the alignment checker's fits)."""
+    half = extent / 2
+    dx = x - cx
+    dy = y - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= half * half
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":
+        depth = dy + half
+        return (depth >= 0) & (dy <= half) & (np.abs(dx) <= depth / 2)
+    raise UsageError(f"Unknown shape {shape!r}; expected one of {SHAPES}")
+
+
 def object_mask(obj: ShapeObject, image_size: int) -> np.ndarray:
     """Boolean [H, W] mask of pixels whose centre lies inside the object."""
     coords = (np.arange(image_size, dtype=np.float64) + 0.5) / image_size
-    x = coords[None, :]
-    y = coords[:, None]
-    half = obj.extent / 2
-    dx = x - obj.cx
-    dy = y - obj.cy
-    if obj.shape == "circle":
-        return dx * dx + dy * dy <= half * half
-    if obj.shape == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if obj.shape == "triangle":
-        # Apex at the top centre, base at the bottom: half-width grows by 0.5
-        # per unit of depth so base width == height == extent.
-        depth = dy + half
-        return (depth >= 0) & (dy <= half) & (np.abs(dx) <= depth / 2)
-    raise UsageError(f"Unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    return shape_mask(obj.shape, coords[None, :], coords[:, None], obj.cx, obj.cy, obj.extent)
 
 
 def render(scene: Scene, image_size: int) -> np.ndarray:

@@ -10,7 +10,7 @@ one-object caption. Measurements are in canvas fractions, so any image size
 works.
 
 Shape is read by comparison with what the renderer would draw: each ideal shape
-(`shapes.object_mask`'s geometry, seen through the same majority filter) is
+(`shapes.shape_mask`, the renderer's geometry, seen through the same majority filter) is
 fitted to the hole-filled component around its bounding box and its moments,
 and the intersection-over-union of the best fit is its score. The component is
 that shape only if the best score is high and clearly above the runner-up;
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from muse_jax.data.shapes import COLORS, SHAPES, parse_caption
+from muse_jax.data.shapes import COLORS, SHAPES, parse_caption, shape_mask
 from muse_jax.errors import UsageError
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "relation", "count")
@@ -121,25 +121,6 @@ def majority_filter(labels: np.ndarray) -> np.ndarray:
     return np.argmax(counts, axis=0)
 
 
-def ideal_shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx, cy, extent) -> np.ndarray:
-    """Whether points (x, y) lie inside `shape` with bounding-box centre (cx, cy) and side `extent`.
-
-    The geometry of `shapes.object_mask` (triangles apex up) with a free size
-    and place; arguments broadcast, so one call can test many candidate fits.
-    """
-    half = extent / 2
-    dx = x - cx
-    dy = y - cy
-    if shape == "circle":
-        return dx * dx + dy * dy <= half * half
-    if shape == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "triangle":
-        depth = dy + half
-        return (depth >= 0) & (dy <= half) & (np.abs(dx) <= depth / 2)
-    raise UsageError(f"Unknown shape {shape!r}; expected one of {SHAPES}")
-
-
 def _majority3(masks: np.ndarray) -> np.ndarray:
     """`majority_filter` for one object on background, on a stack of masks [..., H, W]."""
     h, w = masks.shape[-2:]
@@ -187,9 +168,7 @@ def shape_fit(mask: np.ndarray) -> dict[str, float]:
         m = np.pad(mask, pad)
         x = (np.arange(m.shape[1]) + 0.5 - pad)[None, None, :]
         y = (np.arange(m.shape[0]) + 0.5 - pad)[None, :, None]
-        cand = ideal_shape_mask(
-            shape, x, y, cx[:, None, None], cy[:, None, None], ext[:, None, None]
-        )
+        cand = shape_mask(shape, x, y, cx[:, None, None], cy[:, None, None], ext[:, None, None])
         ideal = _majority3(cand)
         inter = (ideal & m).sum((1, 2))
         union = (ideal | m).sum((1, 2))
