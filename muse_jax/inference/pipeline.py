@@ -334,7 +334,7 @@ class MusePipeline:
         dilation: int = 0,
         feather: int = 1,
         iterations: int = 4,
-        resample_fraction: float = 0.25,
+        resample_fraction: float = 0.5,
         critic: float = 10.0,
     ) -> EditOutput:
         check_prompt(prompt)
