@@ -25,7 +25,9 @@ at their latest. Outputs, in `<workdir>/eval/base` or `<workdir>/eval/cascade` (
 run each; `tensorboard --logdir <workdir>/eval`):
   events.out.tfevents.*   scalars `eval/fid`, `eval/clip_score`, `eval/clip_score_01`,
                           `eval/alignment/{seen,held_out,two_object}/{color,shape,...,count,all}`
-                          (cascade: also `eval/alignment/base_only/...`), a captioned sample
+                          (cascade: also `eval/alignment/base_only/...` and the Fréchet
+                          distances `eval/alignment/frechet/{cascade,base_upsampled,real_floor}`
+                          in the high-res tokenizer's features), a captioned sample
                           grid `eval/samples` and the captions as text, at the base step
   metrics_<step>.json     the same metrics, every stage's step, sampler settings, wall times
   evaluated.json          the steps done; `--watch` skips them, so a restarted watcher resumes

@@ -258,7 +258,7 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
 @pytest.mark.slow
 def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_run, weights):
     from muse_jax.data import shapes_alignment as alignment
-    from muse_jax.eval import alignment_eval, clip
+    from muse_jax.eval import alignment_eval, clip, tokenizer_frechet
     from muse_jax.inference.pipeline import MusePipeline
 
     workdir, _, record, _ = cascade_run
@@ -271,7 +271,7 @@ def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_ru
     )
     # The one-prompt groups are padded to the seen group's 2 prompts: one sampler shape.
     expected = {"seen": _finite(seen.scores), "base_only/seen": _finite(seen.lowres_scores)}
-    images, captions = [seen.images], list(seen.captions)
+    images, lows, captions = [seen.images], [seen.lowres_images], list(seen.captions)
     for group in ("held_out", "two_object"):
         prompt = config.eval[f"{group}_prompts"][0]
         out = alignment_eval.generate(pipe, [prompt] * 2, samples_per_prompt=2, seed=1)
@@ -279,6 +279,7 @@ def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_ru
         low = alignment.score(out.lowres_images[:2], out.captions[:2])
         expected[f"base_only/{group}"] = _finite(low)
         images.append(out.images[:2])
+        lows.append(out.lowres_images[:2])
         captions += out.captions[:2]
     values = record["metrics"]
     for group, scores in expected.items():
@@ -286,6 +287,13 @@ def test_binary_alignment_and_clip_equal_the_library_on_the_same_seed(cascade_ru
     images = np.concatenate(images)
     score = clip.CLIPScorer.from_pretrained(weights["clip"], batch_size=8).score(images, captions)
     assert values["clip_score"] == pytest.approx(score.clip_score, rel=1e-5)
+    # The Fréchet distance of the main job's report, on the same images.
+    scale = images.shape[1] // lows[0].shape[1]
+    upsampled = np.concatenate(lows).repeat(scale, axis=1).repeat(scale, axis=2)
+    outputs = {"cascade": images, "base_upsampled": upsampled}
+    frechet = tokenizer_frechet.distances(pipe.model, outputs, captions, 1)
+    for k in ("cascade", "base_upsampled", "real_floor"):
+        assert values[f"alignment/frechet/{k}"] == pytest.approx(frechet[k], rel=1e-5), k
     # `step` swaps in an older base checkpoint; the other stages stay at their latest.
     older_pipe = MusePipeline.from_workdir(config, workdir, stages="cascade", base_step=3)
     older, older_steps = older_pipe.model.params, older_pipe.steps

@@ -204,6 +204,7 @@ class Evaluator:
         self._prepare()  # After the checkpoint loads: a missing one fails before this work.
         for m in self.metrics:
             m.reset()
+            m.bind(loaded.model)
             wall[m.name] = 0.0
         grid: dict[str, list] = {"images": [], "lowres": [], "captions": []}
         count = image_size = 0

@@ -88,6 +88,9 @@ class Metric(abc.ABC):
     def prepare(self) -> None:  # noqa: B027 (an optional hook: most metrics need nothing)
         """One-time expensive work (weights, reference statistics); idempotent."""
 
+    def bind(self, model) -> None:  # noqa: B027 (an optional hook: most metrics need nothing)
+        """The loaded models (`muse_jax.inference.model.Model`) the next images come from."""
+
     @abc.abstractmethod
     def reset(self) -> None:
         """Forgets the batches of the previous evaluation."""
@@ -190,7 +193,10 @@ class Alignment(Metric):
     """The shapes world's pixel checker, per attribute and caption group (`alignment/seen/color`).
 
     With the cascade, the base stage's own output is scored too (`alignment/base_only/...`),
-    so the two resolutions compare on the same samples. A caption outside the shapes grammar
+    so the two resolutions compare on the same samples, and both go into a Fréchet distance to
+    real renderings of the same captions in the high-res tokenizer's features
+    (`alignment/frechet/{cascade,base_upsampled,real_floor}`, `muse_jax.eval.tokenizer_frechet`).
+    A caption outside the shapes grammar
     is sampled but not scored: `alignment/<group>/skipped` counts its samples. A config none of
     whose prompts the checker can read is an error up front.
     """
@@ -216,8 +222,14 @@ class Alignment(Metric):
         # Images are kept (the shapes world's are tiny), so `alignment.score` runs exactly as it
         # does for alignment_eval.generate's own scores.
         self._groups: dict[str, dict[str, list]] = {}
+        self._pairs: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
+
+    def bind(self, model) -> None:
+        self._model = model
 
     def update(self, batch: Batch) -> None:
+        if batch.lowres_images is not None:
+            self._pairs.append((batch.images, batch.lowres_images, batch.captions))
         outputs = [("", batch.images)]
         if batch.lowres_images is not None:
             outputs.append(("base_only/", batch.lowres_images))
@@ -238,7 +250,27 @@ class Alignment(Metric):
                     out[f"alignment/{group}/{k}"] = v
             if skipped:
                 out[f"alignment/{group}/skipped"] = float(sum(c in skipped for c in captions))
+        if self._pairs and getattr(self, "_model", None) is not None:
+            out.update(self._frechet())
         return out
+
+    def _frechet(self) -> dict[str, float]:
+        from muse_jax.data import shapes
+        from muse_jax.eval import tokenizer_frechet
+
+        images = np.concatenate([p[0] for p in self._pairs])
+        low = np.concatenate([p[1] for p in self._pairs])
+        captions = [c for p in self._pairs for c in p[2]]
+        keep = [i for i, c in enumerate(captions) if shapes.in_grammar(c)]
+        if len(keep) < 2:  # A covariance needs two images.
+            return {}
+        scale = images.shape[1] // low.shape[1]
+        outputs = {
+            "cascade": images[keep],
+            "base_upsampled": low[keep].repeat(scale, axis=1).repeat(scale, axis=2),
+        }
+        d = tokenizer_frechet.distances(self._model, outputs, [captions[i] for i in keep], 1)
+        return {f"alignment/frechet/{k}": float(v) for k, v in d.items() if k != "n"}
 
 
 # ----------------------------------------------------------------------------- CLIP score
