@@ -27,7 +27,7 @@ _PER_EDIT = flags.DEFINE_integer("per_edit", 4, "Edited images per source and ed
 _SEED = flags.DEFINE_integer("seed", 3, "Layouts and edit sampling.")
 _DILATION = flags.DEFINE_integer("mask_dilation", 3, "Pixels added around the inpainting mask.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 4, "Mask-free: re-sampling rounds.")
-_FRACTION = flags.DEFINE_float("resample_fraction", 0.5, "Mask-free: tokens per round.")
+_FRACTION = flags.DEFINE_float("resample_fraction", 0.75, "Mask-free: tokens per round.")
 _CRITIC = flags.DEFINE_float("critic", 10.0, "Mask-free: the text critic's weight (0: uniform).")
 
 KEPT_TOLERANCE = 32  # Of 255: a pixel counts as kept within this much in every channel.

@@ -6,9 +6,9 @@ r"""Binary: zero-shot editing with a trained experiment (same sampler as generat
       --output_dir=/tmp/edit
   # Outpainting: extend the image by left,top,right,bottom pixels (of IN.png).
   python -m muse_jax.edit ... --mode=outpaint --pad=0,0,16,0 --prompt="..."
-  # Mask-free: 4 rounds, each re-sampling 50% of the tokens under the new prompt, those the
+  # Mask-free: 4 rounds, each re-sampling 75% of the tokens under the new prompt, those the
   # prompt explains worst first (--critic=0: uniformly).
-  python -m muse_jax.edit ... --mode=maskfree --iterations=4 --resample_fraction=0.5 \
+  python -m muse_jax.edit ... --mode=maskfree --iterations=4 --resample_fraction=0.75 \
       --prompt="..."
 
 Images of any size are resized (shorter side) and centre-cropped to `config.data.image_size`
@@ -49,7 +49,7 @@ _CRITIC = flags.DEFINE_float(
     "prompt explains worse than no prompt first); 0 picks uniformly.",
 )
 _FRACTION = flags.DEFINE_float(
-    "resample_fraction", 0.5, "maskfree: fraction of the tokens re-sampled per round."
+    "resample_fraction", 0.75, "maskfree: fraction of the tokens re-sampled per round."
 )
 _DILATION = flags.DEFINE_integer("dilation", 0, "Token margin re-generated around the mask.")
 _FEATHER = flags.DEFINE_integer(
