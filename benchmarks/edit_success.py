@@ -27,7 +27,9 @@ _PER_EDIT = flags.DEFINE_integer("per_edit", 4, "Edited images per source and ed
 _SEED = flags.DEFINE_integer("seed", 3, "Layouts and edit sampling.")
 _DILATION = flags.DEFINE_integer("mask_dilation", 3, "Pixels added around the inpainting mask.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 4, "Mask-free: re-sampling rounds.")
-_FRACTION = flags.DEFINE_float("resample_fraction", 0.75, "Mask-free: tokens per round.")
+_FRACTION = flags.DEFINE_float(
+    "resample_fraction", None, "Mask-free: tokens per round (default: the pipeline's)."
+)
 _CRITIC = flags.DEFINE_float("critic", 10.0, "Mask-free: the text critic's weight (0: uniform).")
 
 KEPT_TOLERANCE = 32  # Of 255: a pixel counts as kept within this much in every channel.
@@ -73,8 +75,10 @@ def main(_):
     from muse_jax.data import shapes
     from muse_jax.data import shapes_alignment as alignment
     from muse_jax.inference.pipeline import MusePipeline
+    from muse_jax.sampling import editing
 
     config, k = _CONFIG.value, _PER_EDIT.value
+    fraction = editing.DEFAULT_RESAMPLE_FRACTION if _FRACTION.value is None else _FRACTION.value
     sources = [
         p
         for p in config.eval.seen_prompts
@@ -104,7 +108,7 @@ def main(_):
             outs = {
                 "mask-free": pipe.edit(
                     image, target, num_images=k, seed=_SEED.value + i,
-                    iterations=_ITERATIONS.value, resample_fraction=_FRACTION.value,
+                    iterations=_ITERATIONS.value, resample_fraction=fraction,
                     critic=_CRITIC.value,
                 ),
                 "inpaint": pipe.inpaint(
@@ -114,18 +118,19 @@ def main(_):
             }  # fmt: skip
             for mode, out in outs.items():
                 wins[mode, kind] += [all(alignment.check(x, target).values()) for x in out.array]
-                same = np.abs(out.array.astype(int) - image.astype(int)).max(-1) < KEPT_TOLERANCE
+                same = np.abs(out.array.astype(int) - image.astype(int)).max(-1) <= KEPT_TOLERANCE
                 kept[mode, kind] += [float(np.mean(s[~region])) for s in same]
                 changed[mode, kind] += list(np.mean(out.result.token_masks[0], axis=-1))
                 footprint[mode, kind] += [iou(foreground(image), foreground(x)) for x in out.array]
         print(f"[edit_success] {i + 1}/{len(sources)} sources", flush=True)
     print(
-        f"mask-free: {_ITERATIONS.value} rounds x {_FRACTION.value:.0%} re-sampled, critic "
+        f"mask-free: {_ITERATIONS.value} rounds x {fraction:.0%} re-sampled, critic "
         f"{_CRITIC.value:g}"
     )
     print(f"{len(sources)} sources x {k} edits each, {size}x{size}; success = every attribute of")
     print("the edited prompt found (the edited one changed, the others kept)")
-    print("kept: pixels outside the inpainting mask left as they were (within 32 of 255);")
+    print(f"kept: pixels outside the inpainting mask left as they were (within {KEPT_TOLERANCE}")
+    print("of 255 in every channel);")
     print("changed: base tokens the edit changed; footprint: foreground IoU of input and edit")
     head = ("success", "kept", "changed", "footprint")
     print(f"{'':<10}" + "".join(f"{h:>11}" for h in head) + f"{'inpaint':>11}{'footprint':>11}")

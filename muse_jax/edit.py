@@ -49,7 +49,10 @@ _CRITIC = flags.DEFINE_float(
     "prompt explains worse than no prompt first); 0 picks uniformly.",
 )
 _FRACTION = flags.DEFINE_float(
-    "resample_fraction", 0.75, "maskfree: fraction of the tokens re-sampled per round."
+    "resample_fraction",
+    None,
+    "maskfree: fraction of the tokens re-sampled per round (default: "
+    "muse_jax.sampling.editing.DEFAULT_RESAMPLE_FRACTION, 0.75).",
 )
 _DILATION = flags.DEFINE_integer("dilation", 0, "Token margin re-generated around the mask.")
 _FEATHER = flags.DEFINE_integer(
@@ -64,6 +67,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed reproduces
 _STAGES = cli.define_stages_flag(
     "edit at the base resolution", "base + super-res at the high resolution"
 )
+
+
+def _fraction() -> float:
+    from muse_jax.sampling import editing
+
+    return editing.DEFAULT_RESAMPLE_FRACTION if _FRACTION.value is None else _FRACTION.value
 
 
 def _open(path: str, what: str, mode: str):
@@ -137,7 +146,7 @@ def main(argv):
             image,
             prompt,
             iterations=_ITERATIONS.value,
-            resample_fraction=_FRACTION.value,
+            resample_fraction=_fraction(),
             critic=_CRITIC.value,
             **kwargs,
         )
@@ -181,7 +190,7 @@ def main(argv):
     if mode == "maskfree":
         record.update(
             iterations=_ITERATIONS.value,
-            resample_fraction=_FRACTION.value,
+            resample_fraction=_fraction(),
             critic=_CRITIC.value,
             changed_per_iteration=[c.tolist() for c in res.changed_per_iteration],
         )

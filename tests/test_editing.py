@@ -236,6 +236,19 @@ def test_edit_binary_writes_edits_and_fails_in_one_line_on_bad_inputs(trained_sm
     record = json.loads((out / "edit.json").read_text())
     assert record["mode"] == "inpaint" and record["negative_prompt"] == "a red square"
     assert np.asarray(Image.open(out / "edit_000.png")).shape == (32, 32, 3)
+    # Mask-free: the binary's default fraction is the library's.
+    maskfree = tmp_path / "maskfree"
+    proc = _edit(
+        *common,
+        "--mode=maskfree",
+        "--iterations=2",
+        "--prompt=a large red square on the left",
+        f"--output_dir={maskfree}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((maskfree / "edit.json").read_text())
+    assert record["mode"] == "maskfree" and record["iterations"] == 2
+    assert record["resample_fraction"] == editing.DEFAULT_RESAMPLE_FRACTION
 
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -245,6 +258,7 @@ def test_edit_binary_writes_edits_and_fails_in_one_line_on_bad_inputs(trained_sm
         (["--mode=outpaint"], "error: --mode=outpaint needs --pad"),
         (["--mode=outpaint", "--pad=1,2"], "error: --pad must be 4"),
         (["--mode=outpaint", "--pad=100000"], "at most 4x the image's longer side"),
+        (["--mode=maskfree", "--resample_fraction=0"], "resample_fraction must be in (0, 1]"),
     ]:
         proc = _edit(*common, *extra, "--prompt=a red circle", f"--output_dir={out}")
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]

@@ -343,6 +343,8 @@ def test_watch_evaluates_each_checkpoint_once_and_a_restart_redoes_nothing(train
         with open(os.path.join(run_dir, f"metrics_{step}.json")) as f:
             record = json.load(f)
         assert record["steps"] == {"base": step} and record["stages"] == "base"
+        assert "alignment/seen/all" in record["metrics"]
+        assert not [k for k in record["metrics"] if "frechet" in k]  # Cascade only.
         for name, value in record["metrics"].items():
             assert scalars[f"eval/{name}"][step] == pytest.approx(value, rel=1e-6)
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(run_dir, "*"))}

@@ -6,7 +6,8 @@ memory at once; FID keeps 2048 floats per image, CLIP one embedding. Its lifecyc
 
   metric = metrics.get("fid")(setup)   # cheap: checks config keys and paths (one-line errors)
   metric.prepare()                      # once per process: weights, reference statistics
-  metric.reset(); metric.update(batch); ...; metric.result()   # once per checkpoint
+  metric.reset(); metric.bind(model)    # once per checkpoint: the loaded models, then
+  metric.update(batch); ...; metric.result()
 
 A new metric is a subclass with a `name`, decorated with `@register`.
 """
@@ -223,6 +224,7 @@ class Alignment(Metric):
         # does for alignment_eval.generate's own scores.
         self._groups: dict[str, dict[str, list]] = {}
         self._pairs: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
+        self._model = None
 
     def bind(self, model) -> None:
         self._model = model
@@ -250,8 +252,9 @@ class Alignment(Metric):
                     out[f"alignment/{group}/{k}"] = v
             if skipped:
                 out[f"alignment/{group}/skipped"] = float(sum(c in skipped for c in captions))
-        if self._pairs and getattr(self, "_model", None) is not None:
+        if self._pairs and self._model is not None:
             out.update(self._frechet())
+        self._model = None  # Not kept alive while the next checkpoint loads.
         return out
 
     def _frechet(self) -> dict[str, float]:

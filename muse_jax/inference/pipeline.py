@@ -334,7 +334,7 @@ class MusePipeline:
         dilation: int = 0,
         feather: int = 1,
         iterations: int = 4,
-        resample_fraction: float = 0.75,
+        resample_fraction: float = editing.DEFAULT_RESAMPLE_FRACTION,
         critic: float = 10.0,
     ) -> EditOutput:
         check_prompt(prompt)
@@ -417,7 +417,7 @@ class MusePipeline:
         """Mask-free editing: `iterations` rounds each re-sampling `resample_fraction` of the
         base tokens under `prompt`, chosen first where the prompt explains them worst (weight
         `critic`; 0 chooses uniformly). A smaller fraction keeps more of the input (its
-        object's footprint) and edits less often (BENCHMARKS.md, "Edit success"). Keyword
+        object's footprint) and edits shape and position less often (BENCHMARKS.md, "Edit success"). Keyword
         arguments as `inpaint`."""
         size = self.image_size(kwargs.get("stages"))
         im = images_lib.as_pil(image).convert("RGB")

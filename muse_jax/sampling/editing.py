@@ -349,6 +349,12 @@ def choose_resample(
     return mask
 
 
+# Mask-free editing's default share of the base tokens re-sampled per round: at 0.75 shape and
+# position edits succeed far more often than at 0.25 or 0.5; smaller keeps more of the input
+# (BENCHMARKS.md, "Quality ablations": edit success and footprint).
+DEFAULT_RESAMPLE_FRACTION = 0.75
+
+
 def maskfree_edit(
     stages: Sequence[TokenStage],
     images: np.ndarray,
@@ -371,8 +377,8 @@ def maskfree_edit(
 
     `critic` > 0 (without a `score_fn`) biases the choice by the base stage's text contrast
     (`critic` * `MuseSampler.text_contrast` under the edit's prompt): tokens that the prompt
-    explains worse than no prompt go first. Chosen uniformly, the re-sampled tokens are
-    mostly ones the edit need not touch, and the kept ones pull them back to the input
+    explains worse than no prompt go first. Chosen uniformly at small fractions, the
+    re-sampled tokens are mostly ones the edit need not touch, and the kept ones pull them back to the input
     (BENCHMARKS.md, "Quality ablations": edit success).
 
     Returns:
