@@ -219,19 +219,27 @@ class Checkpointer:
             f"Stopped; the last good checkpoint is {last}."
         )
 
-    def _remove_unfinished(self) -> None:
+    def _remove_unfinished(self, settle_s: float = 0.3, limit_s: float = 15.0) -> None:
         """Removes failed saves' temporary folders. A writer thread still closing may recreate
-        a file while a folder goes: try again briefly until none is left."""
-        for attempt in range(10):
+        a file or a folder after it goes, so this returns only once the directory has stayed
+        clean for `settle_s` (or after `limit_s`; the next writer's start cleans the rest)."""
+        deadline = time.monotonic() + limit_s
+        clean_since: float | None = None
+        while time.monotonic() < deadline:
             left = [n for n in storage.listdir(str(self.directory)) if ".orbax-checkpoint-tmp" in n]
             if not left:
-                return
-            for name in left:
-                try:
-                    storage.remove_tree(str(self.directory / name))
-                except OSError:
-                    pass
-            time.sleep(0.1 * attempt)
+                now = time.monotonic()
+                clean_since = clean_since or now
+                if now - clean_since >= settle_s:
+                    return
+            else:
+                clean_since = None
+                for name in left:
+                    try:
+                        storage.remove_tree(str(self.directory / name))
+                    except OSError:
+                        pass
+            time.sleep(0.05)
 
     def abandon(self) -> None:
         """After a failed save: stops the manager (joining its writer threads, whatever they
