@@ -135,7 +135,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             hr_image_size=64,
             num_train=20000,
             num_test=1000,
-            two_object_prob=0.3,
+            # Half the scenes hold two small objects: at 0.3 the base stage drew their shapes
+            # right far less often (BENCHMARKS.md, "Quality ablations").
+            two_object_prob=0.5,
             held_out=list(HELD_OUT),
             text_length=16,
             # "shapes" (a word-level SentencePiece model trained here), "byte", or the path of a
@@ -153,7 +155,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     patch_size=4,
                     num_res_blocks=2,
                     embedding_dim=32,
-                    codebook_size=512,
+                    # 128 codes, not 512: every code is used either way, and with fewer
+                    # near-synonyms the transformers learn their targets much sooner
+                    # (BENCHMARKS.md, "Quality ablations").
+                    codebook_size=128,
                     norm_groups=0,  # 0: no GroupNorm (it dominates the step time on CPU).
                     l2_normalize_codes=True,
                     commitment_cost=0.25,
