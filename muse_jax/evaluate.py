@@ -34,7 +34,8 @@ run each; `tensorboard --logdir <workdir>/eval`):
 
 `--watch` polls the base stage's checkpoint directory every `--poll_s` seconds (finalized
 checkpoints only), evaluates each new step once, oldest first, and exits once the final step
-(`base.train.num_steps`) is evaluated or after `--watch_timeout_s` without a new checkpoint.
+is evaluated (`base.train.num_steps`, or the step where the run's wall-clock cap stopped it:
+`base/stopped.json`) or after `--watch_timeout_s` without a new checkpoint.
 """
 
 from __future__ import annotations

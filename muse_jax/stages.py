@@ -76,3 +76,32 @@ def stage_dir(config, workdir: str, name: str) -> str:
 def enabled(config) -> tuple[str, ...]:
     """Every stage the config trains, in order."""
     return BASE_STAGES + (SUPERRES_STAGES if has_cascade(config) else ())
+
+
+# A stage's run that ended for good (its last step, or its wall-clock cap) says so here, so that
+# a watcher (`muse_jax.evaluate --watch`) knows the last checkpoint is coming no more.
+_STOPPED = "stopped.json"
+
+
+def record_stop(directory: str, step: int, status: str) -> None:
+    """Writes `<stage dir>/stopped.json`: the step and why ("completed", "time_budget")."""
+    storage.write_json(storage.join(directory, _STOPPED), {"step": int(step), "status": status})
+
+
+def clear_stop(directory: str) -> None:
+    """A (re)started run removes the record of an earlier one's end."""
+    p = storage.join(directory, _STOPPED)
+    if storage.exists(p):
+        storage.path(p).unlink()
+
+
+def stopped_at(directory: str) -> int | None:
+    """The step at which the stage's latest run ended for good; None while it runs (or was
+    preempted, or never recorded its end)."""
+    p = storage.join(directory, _STOPPED)
+    if not storage.exists(p):
+        return None
+    try:
+        return int(storage.read_json(p)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

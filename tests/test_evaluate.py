@@ -151,6 +151,29 @@ def test_watch_evaluates_new_steps_once_and_stops(smoke_config, tmp_path, monkey
     assert runner.watch(10, 100, sleep=clock.sleep, clock=clock) == []
 
 
+def test_watch_stops_at_the_step_where_a_capped_run_ended(smoke_config, tmp_path, monkeypatch):
+    """A base run stopped by its wall-clock cap before num_steps (6) ends the watch at its last
+    checkpoint, not after the timeout; with no record of an end the watch waits."""
+    from muse_jax import stages
+
+    clock = _Clock()
+    base_dir = str(tmp_path / "base")
+    os.makedirs(base_dir)
+
+    def sleep(s):
+        clock.sleep(s)
+        if clock.now >= 30:  # The run ends at step 5 while the watcher waits.
+            stages.record_stop(base_dir, 5, "time_budget")
+
+    runner = _watcher(smoke_config, str(tmp_path), monkeypatch, [[3], [3], [3, 5]])
+    assert runner.watch(10, 1000, sleep=sleep, clock=clock) == [3, 5]
+    assert clock.now < 100  # Stopped well before the timeout.
+    stages.clear_stop(base_dir)  # A restarted run: the watch goes on to num_steps.
+    runner = _watcher(smoke_config, str(tmp_path), monkeypatch, [[3, 5]])
+    assert runner.watch(10, 100, sleep=clock.sleep, clock=clock) == []
+    assert clock.now >= 130  # Waited for the timeout.
+
+
 def test_watch_times_out_and_skips_deleted_checkpoints(smoke_config, tmp_path, monkeypatch):
     clock = _Clock()
     # Step 2 is listed, then deleted (keep N) before its evaluation could restore it.

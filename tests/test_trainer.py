@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from muse_jax import checkpoints, compilation_cache, parallel
+from muse_jax import checkpoints, compilation_cache, parallel, stages
 from muse_jax.train import summaries, trainer
 from muse_jax.train.tokenizer_stage import TokenizerStage
 from tests.helpers import ROOT, child_env, run_module, sigterm_after
@@ -135,9 +135,12 @@ def test_time_budget_stops_with_a_checkpoint_and_a_rerun_resumes(
     train.time_budget_s = 1e-3  # Already spent by the time the first step ends.
     result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
     assert result.status == "time_budget" and result.step == 1
+    stage_dir = os.path.join(str(tmp_path), "tokenizer")
+    assert stages.stopped_at(stage_dir) == 1  # What `muse_jax.evaluate --watch` reads.
     train.time_budget_s = 0.0
     result = trainer.train(smoke_config, str(tmp_path), "tokenizer")
     assert result.status == "completed" and result.step == train.num_steps
+    assert stages.stopped_at(stage_dir) == train.num_steps  # The rerun replaced the record.
     logged = _read_scalars(os.path.join(str(tmp_path), "tokenizer"), "train/loss")
     assert min(logged) == 1 and max(logged) == train.num_steps
     # Before and after the restart: exactly the batches of one uninterrupted iterator.

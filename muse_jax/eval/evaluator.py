@@ -285,12 +285,20 @@ class Evaluator:
         clock: Callable[[], float] = time.monotonic,
     ) -> list[int]:
         """Evaluates each new finalized base checkpoint once, oldest first; returns the steps
-        evaluated. Stops after the stage's final step (`base.train.num_steps`) is evaluated, or
-        after `timeout_s` seconds without a new checkpoint."""
-        from muse_jax import checkpoints
+        evaluated. Stops after the stage's final step is evaluated (`base.train.num_steps`, or
+        the step its run ended at when its wall-clock cap stopped it), or after `timeout_s`
+        seconds without a new checkpoint."""
+        from muse_jax import checkpoints, stages
 
-        directory = checkpoints.checkpoint_dir(storage.join(self.workdir, "base"))
-        final = int(self.config.base.train.num_steps)
+        base_dir = storage.join(self.workdir, "base")
+        directory = checkpoints.checkpoint_dir(base_dir)
+
+        def final_step() -> int:
+            ended = stages.stopped_at(base_dir)
+            last = int(self.config.base.train.num_steps)
+            return last if ended is None else min(ended, last)
+
+        final = final_step()
         done = _read_done(self.directory)
         finished = set(done["evaluated"]) | set(done.get("skipped", []))
         self.log(
@@ -306,6 +314,7 @@ class Evaluator:
                     self.log(f"[evaluate] no new checkpoint for {timeout_s:g}s; stopping")
                     return evaluated
                 sleep(poll_s)
+                final = final_step()  # The run may have ended at its wall-clock cap.
                 continue
             step = pending[0]
             try:

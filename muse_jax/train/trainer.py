@@ -30,6 +30,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from muse_jax import checkpoints, compilation_cache, parallel, storage
+from muse_jax import stages as stages_lib
 from muse_jax.errors import UsageError
 from muse_jax.train import stage as stage_lib
 
@@ -271,6 +272,8 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         ckpt.close()
         return TrainResult(stage.name, start, "already_done", {}, time.time() - t_start)
 
+    if jax.process_index() == 0:
+        stages_lib.clear_stop(stage.stage_dir)  # Training again: the earlier end no longer holds.
     frozen = stage.frozen(mesh, axis_rules)
     batch_sharding = parallel.batch_sharding(mesh, axis_rules)
     train_step = jit_train_step(stage, shardings, batch_sharding, axis_rules)
@@ -364,6 +367,8 @@ def train(config, workdir: str, stage_name: str | None = None) -> TrainResult:
         writer.close()
         if vote.now(preemption.requested):
             status = "preempted"
+    if status != "preempted" and jax.process_index() == 0:
+        stages_lib.record_stop(stage.stage_dir, step, status)
     return TrainResult(stage.name, step, status, last_metrics, time.time() - t_start)
 
 
