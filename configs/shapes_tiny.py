@@ -323,9 +323,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             num_steps=12,
             mask_schedule="cosine",
             temperature=1.0,
-            # Token temperature anneals linearly to this; 0.2 rather than 0.5 draws small
-            # shapes more cleanly (BENCHMARKS.md, "Quality ablations").
-            temperature_final=0.2,
+            temperature_final=0.5,  # Token temperature anneals linearly to this.
             choice_temperature=4.5,  # Gumbel noise on confidences, annealed to 0.
             guidance_scale=3.0,
             guidance_schedule="linear",  # "linear" ramps 0 -> scale over the steps; or "constant".
