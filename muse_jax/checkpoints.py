@@ -229,7 +229,7 @@ class Checkpointer:
             left = [n for n in storage.listdir(str(self.directory)) if ".orbax-checkpoint-tmp" in n]
             if not left:
                 now = time.monotonic()
-                clean_since = clean_since or now
+                clean_since = now if clean_since is None else clean_since
                 if now - clean_since >= settle_s:
                     return
             else:

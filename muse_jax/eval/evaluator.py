@@ -290,7 +290,7 @@ class Evaluator:
         seconds without a new checkpoint."""
         from muse_jax import checkpoints, stages
 
-        base_dir = storage.join(self.workdir, "base")
+        base_dir = stages.stage_dir(self.config, self.workdir, "base")
         directory = checkpoints.checkpoint_dir(base_dir)
 
         def final_step() -> int:
