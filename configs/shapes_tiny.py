@@ -292,6 +292,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     guidance_scale=1.0,
                     guidance_schedule="linear",
                     negative_prompt="",
+                    refine_rounds=0,  # Self-critic refinement, as config.base.sampling's.
+                    refine_fraction=0.2,
+                    refine_steps=4,
                     # Images per super-res pass inside the cascade (0: the whole batch). A
                     # smaller pass bounds the memory of large high-res grids (the paper's
                     # 512x512: configs/muse_paper.py); the samples of a seed depend on it.
@@ -328,6 +331,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             guidance_scale=3.0,
             guidance_schedule="linear",  # "linear" ramps 0 -> scale over the steps; or "constant".
             negative_prompt="",
+            # Self-critic refinement (muse_jax/sampling/self_critic.py): after decoding, this
+            # many rounds re-mask the generated tokens the model finds least likely given
+            # the rest (refine_fraction of them) and decode them again in refine_steps steps.
+            # It mends objects drawn between two shapes (BENCHMARKS.md, "Quality
+            # ablations"); 0 turns it off.
+            refine_rounds=4,
+            refine_fraction=0.2,
+            refine_steps=4,
         )
     )
 
@@ -460,6 +471,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         stage.train.checkpoint_every = 3
         stage.train.optimizer.warmup_steps = 2
     config.base.sampling.num_steps = 4
+    config.base.sampling.refine_rounds = 1  # Exercised, at a quarter of the compile time.
     config.eval.samples_per_prompt = 2
     config.eval.seen_prompts = list(SEEN_PROMPTS[:2])
     config.eval.held_out_prompts = list(HELD_OUT_PROMPTS[:1])

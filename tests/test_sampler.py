@@ -63,7 +63,7 @@ def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
 def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     _, _, base, params, cond, uncond, negative = tiny
     rng = jax.random.PRNGKey(4)
-    unguided = _sampler(base, guidance_scale=0.0)(params, cond, uncond, rng)
+    unguided = _sampler(base, guidance_scale=0.0, refine_rounds=0)(params, cond, uncond, rng)
     # The conditional path, written out by hand: text -> kv -> decode with conditional logits.
     tr = base.transformer
     ctx = base.text_encoder.apply(
@@ -89,7 +89,7 @@ def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     )
     np.testing.assert_array_equal(unguided.tokens, manual.tokens)
     # And a guided sampler whose negative prompt differs does change the result.
-    guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant")(
+    guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant", refine_rounds=0)(
         params, cond, negative, rng
     )
     assert not np.array_equal(guided.tokens, unguided.tokens)
@@ -150,3 +150,25 @@ def test_a_second_call_with_new_prompts_and_seed_does_not_compile(tiny):
     assert len(compiles) == first  # ... and the second call caused none.
     assert sampler._jitted._cache_size() == 1  # Not even a retrace.
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], 7)
+
+
+def test_self_critic_refinement_keeps_fixed_tokens_and_revisits_generated_ones(tiny):
+    """With refine_rounds > 0 the sampler re-decodes some generated tokens (the result differs
+    from the plain loop's with the same key) but never a fixed one (inpainting)."""
+    _, _, base, params, cond, uncond, _ = tiny
+    tr = base.transformer
+    rng = np.random.default_rng(3)
+    keep = rng.random((3, tr.seq_len)) < 0.5
+    init = np.where(keep, rng.integers(0, tr.vocab_size, (3, tr.seq_len)), tr.mask_id).astype(
+        np.int32
+    )
+    key = jax.random.PRNGKey(2)
+    plain = _sampler(base)(params, cond, uncond, key, init_tokens=jnp.asarray(init))
+    refined = _sampler(base, refine_rounds=2, refine_fraction=0.5, refine_steps=2)(
+        params, cond, uncond, key, init_tokens=jnp.asarray(init)
+    )
+    out = np.asarray(refined.tokens)
+    np.testing.assert_array_equal(out[keep], init[keep])
+    assert np.all(out < tr.vocab_size)
+    assert not np.array_equal(out, np.asarray(plain.tokens))
+    assert refined.num_masked.shape == plain.num_masked.shape

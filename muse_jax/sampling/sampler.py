@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax.errors import UsageError
-from muse_jax.sampling import guidance, parallel_decode
+from muse_jax.sampling import guidance, parallel_decode, self_critic
 
 
 @flax.struct.dataclass
@@ -55,6 +55,12 @@ class Settings:
     mask_schedule: str = flax.struct.field(pytree_node=False, default="cosine")
     guidance_schedule: str = flax.struct.field(pytree_node=False, default="linear")
     guided: bool = flax.struct.field(pytree_node=False, default=True)
+    # Self-critic refinement after the decoding loop (`muse_jax.sampling.self_critic`):
+    # rounds (0: off), the share of the generated tokens re-masked per round, and the
+    # decoding steps that fill them in again.
+    refine_rounds: int = flax.struct.field(pytree_node=False, default=0)
+    refine_fraction: float = flax.struct.field(pytree_node=False, default=0.2)
+    refine_steps: int = flax.struct.field(pytree_node=False, default=4)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Settings:
@@ -74,6 +80,18 @@ class Settings:
         scale = float(values["guidance_scale"])
         if scale < 0:
             raise UsageError(f"guidance_scale must be >= 0 (0: no guidance), got {scale}.")
+        # Sampling blocks written before refinement existed lack its keys: off.
+        rounds = int(values.get("refine_rounds") or 0)
+        fraction = float(
+            0.2 if values.get("refine_fraction") is None else values["refine_fraction"]
+        )
+        refine_steps = int(4 if values.get("refine_steps") is None else values["refine_steps"])
+        if rounds < 0:
+            raise UsageError(f"refine_rounds must be >= 0 (0: off), got {rounds}.")
+        if rounds and not 0.0 < fraction <= 1.0:
+            raise UsageError(f"refine_fraction must be in (0, 1], got {fraction}.")
+        if refine_steps < 1:
+            raise UsageError(f"refine_steps must be >= 1, got {refine_steps}.")
         return cls(
             guidance_scale=np.float32(scale),
             temperature=np.float32(temperature),
@@ -83,6 +101,9 @@ class Settings:
             mask_schedule=str(values.get("mask_schedule") or "cosine"),
             guidance_schedule=str(values.get("guidance_schedule") or "linear"),
             guided=scale > 0,
+            refine_rounds=rounds,
+            refine_fraction=fraction,
+            refine_steps=refine_steps,
         )
 
 
@@ -94,6 +115,9 @@ _SETTING_KEYS = (
     "num_steps",
     "mask_schedule",
     "guidance_schedule",
+    "refine_rounds",
+    "refine_fraction",
+    "refine_steps",
 )
 
 
@@ -159,26 +183,51 @@ class MuseSampler:
         def logits_fn(tokens):
             return tr.apply(tp, tokens, kv, ctx_mask, method=tr.logits)
 
-        if cfg.guided:
-            tokens_to_logits = guidance.guided(
-                logits_fn,
-                scale=cfg.guidance_scale,
-                schedule=cfg.guidance_schedule,
-                num_steps=cfg.num_steps,
+        def run_decode(tokens, key, num_steps):
+            if cfg.guided:
+                tokens_to_logits = guidance.guided(
+                    logits_fn,
+                    scale=cfg.guidance_scale,
+                    schedule=cfg.guidance_schedule,
+                    num_steps=num_steps,
+                )
+            else:
+                tokens_to_logits = lambda tokens, step: logits_fn(tokens)
+            return parallel_decode.decode(
+                tokens,
+                key,
+                tokens_to_logits,
+                mask_id=tr.mask_id,
+                num_steps=num_steps,
+                schedule=cfg.mask_schedule,
+                temperature=cfg.temperature,
+                temperature_final=cfg.temperature_final,
+                choice_temperature=cfg.choice_temperature,
             )
-        else:
-            tokens_to_logits = lambda tokens, step: logits_fn(tokens)
-        return parallel_decode.decode(
-            init_tokens,
-            rng,
-            tokens_to_logits,
+
+        if not cfg.refine_rounds:
+            return run_decode(init_tokens, rng, cfg.num_steps)
+        rng, refine_rng = jax.random.split(rng)
+        first = run_decode(init_tokens, rng, cfg.num_steps)
+        batch = init_tokens.shape[0]
+
+        def cond_logits(tokens):  # The prompt's logits alone: the critic.
+            if cfg.guided:
+                return logits_fn(jnp.concatenate([tokens, tokens], axis=0))[:batch]
+            return logits_fn(tokens)
+
+        refined = self_critic.refine(
+            first.tokens,
+            init_tokens == tr.mask_id,
+            refine_rng,
+            score_logits_fn=cond_logits,
+            redecode=lambda tokens, key: run_decode(tokens, key, cfg.refine_steps).tokens,
             mask_id=tr.mask_id,
-            num_steps=cfg.num_steps,
-            schedule=cfg.mask_schedule,
-            temperature=cfg.temperature,
-            temperature_final=cfg.temperature_final,
-            choice_temperature=cfg.choice_temperature,
+            rounds=cfg.refine_rounds,
+            fraction=cfg.refine_fraction,
         )
+        # num_masked keeps the first pass's history (one row per decoding step).
+        return parallel_decode.DecodeResult(tokens=refined, num_masked=first.num_masked)
 
     def text_contrast(
         self,
