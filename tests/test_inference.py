@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from muse_jax.errors import UsageError
 from muse_jax.inference import export, weights
 from muse_jax.inference import model as model_lib
 from muse_jax.inference.pipeline import MusePipeline
@@ -337,3 +338,18 @@ def test_a_missing_stage_suggests_the_base_stage_only_when_that_would_work():
         "(or sample the base stage alone: --stages=base)"
     )
     assert "--stages=base" not in str(cli.missing_stage(sr, "sample", cascade=False))
+
+
+@pytest.mark.slow
+def test_refinement_can_be_turned_off_per_call(exported):
+    """`refine_rounds=0` samples the plain decoding loop; the default refines that very draw,
+    so the two differ only in some of the base tokens."""
+    _, _, out = exported
+    pipe = MusePipeline.from_pretrained(out, stages="base", batch_size=4)
+    assert pipe.config.base.sampling.refine_rounds > 0
+    refined = pipe(PROMPTS, seed=3)
+    plain = pipe(PROMPTS, seed=3, refine_rounds=0)
+    differ = (refined.tokens != plain.tokens).mean()
+    assert 0 < differ < 1
+    with pytest.raises(UsageError, match="refine_rounds"):
+        pipe(PROMPTS, refine_rounds=-1)

@@ -163,7 +163,9 @@ def test_self_critic_refinement_keeps_fixed_tokens_and_revisits_generated_ones(t
         np.int32
     )
     key = jax.random.PRNGKey(2)
-    plain = _sampler(base)(params, cond, uncond, key, init_tokens=jnp.asarray(init))
+    plain = _sampler(base, refine_rounds=0)(
+        params, cond, uncond, key, init_tokens=jnp.asarray(init)
+    )
     refined = _sampler(base, refine_rounds=2, refine_fraction=0.5, refine_steps=2)(
         params, cond, uncond, key, init_tokens=jnp.asarray(init)
     )
@@ -171,4 +173,8 @@ def test_self_critic_refinement_keeps_fixed_tokens_and_revisits_generated_ones(t
     np.testing.assert_array_equal(out[keep], init[keep])
     assert np.all(out < tr.vocab_size)
     assert not np.array_equal(out, np.asarray(plain.tokens))
+    # The first pass is the plain loop's (same key): at most the re-masked tokens differ,
+    # 2 rounds of half the generated ones.
+    generated = (~keep).sum(1)
+    assert np.all((out != np.asarray(plain.tokens)).sum(1) <= 2 * np.round(0.5 * generated))
     assert refined.num_masked.shape == plain.num_masked.shape

@@ -175,10 +175,12 @@ class MusePipeline:
         num_steps: int | None = None,
         temperature: float | tuple[float, float] | None = None,
         superres: dict[str, Any] | None = None,
+        refine_rounds: int | None = None,
     ):
         """The sampler's `Settings`: the config's with the given overrides (base stage), and
         `superres` overrides for the super-res stage of a cascade. `temperature` is one value
-        (constant over the steps) or (first step, last step), linear in between."""
+        (constant over the steps) or (first step, last step), linear in between;
+        `refine_rounds` sets the base stage's self-critic refinement (0: off)."""
         first = last = temperature
         if isinstance(temperature, tuple | list):
             first, last = temperature
@@ -188,6 +190,7 @@ class MusePipeline:
             num_steps=num_steps,
             temperature=first,
             temperature_final=last,
+            refine_rounds=refine_rounds,
         )
         if not cascade:
             return base
@@ -231,6 +234,7 @@ class MusePipeline:
         stages: str | None = None,
         num_images_per_prompt: int = 1,
         superres: dict[str, Any] | None = None,
+        refine_rounds: int | None = None,
     ) -> Iterator[PipelineOutput]:
         """As `__call__`, one batch at a time (for writing results as they come)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -244,7 +248,7 @@ class MusePipeline:
         self._check_count(len(captions))
         cascade, settings, key = self._plan(
             stages, seed, guidance_scale=guidance_scale, num_steps=num_steps,
-            temperature=temperature, superres=superres,
+            temperature=temperature, superres=superres, refine_rounds=refine_rounds,
         )  # fmt: skip
         sampler, params = self.model.sampler(cascade), self.model.sampler_params(cascade)
         n = len(captions)
@@ -272,7 +276,8 @@ class MusePipeline:
         config's), `guidance_scale`, `num_steps`, `temperature` (one value, or (first, last)
         annealed linearly over the steps) for the base stage (default: the config's sampling
         block), `seed`, `stages` ('base' | 'cascade'), `num_images_per_prompt`, `superres` (a
-        dict of sampling settings for the super-res stage, e.g. {'num_steps': 8}).
+        dict of sampling settings for the super-res stage, e.g. {'num_steps': 8}),
+        `refine_rounds` (the base stage's self-critic refinement rounds; 0 turns it off).
         """
         parts = list(self.generate(prompts, **kwargs))
 
@@ -328,6 +333,7 @@ class MusePipeline:
         guidance_scale: float | None = None,
         num_steps: int | None = None,
         temperature: float | tuple[float, float] | None = None,
+        refine_rounds: int | None = None,
         seed: int = 0,
         stages: str | None = None,
         superres: dict[str, Any] | None = None,
@@ -347,7 +353,7 @@ class MusePipeline:
             )
         cascade, settings, rng = self._plan(
             stages, seed, guidance_scale=guidance_scale, num_steps=num_steps,
-            temperature=temperature, superres=superres,
+            temperature=temperature, superres=superres, refine_rounds=refine_rounds,
         )  # fmt: skip
         token_stages = self._stages(cascade, settings)
         cond, uncond = self._encode([prompt] * num_images, negative_prompt, num_images)

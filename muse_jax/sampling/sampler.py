@@ -7,9 +7,9 @@ ones; `CascadeSampler` chains base -> super-res -> (fine-tuned) decoder in one j
 
 The config's sampling block gives each sampler its defaults; a call may override them with a
 `Settings`. Its guidance scale and temperatures are traced values, so changing them reuses the
-compiled program. The step count, schedules and whether guidance runs at all (scale 0 drops the
-unconditional branch and half the work) shape the program: each new value compiles once and
-stays in jit's cache.
+compiled program. The step count, schedules, whether guidance runs at all (scale 0 drops the
+unconditional branch and half the work) and the self-critic refinement settings shape the
+program: each new value compiles once and stays in jit's cache.
 """
 
 from __future__ import annotations
@@ -207,8 +207,9 @@ class MuseSampler:
 
         if not cfg.refine_rounds:
             return run_decode(init_tokens, rng, cfg.num_steps)
-        rng, refine_rng = jax.random.split(rng)
+        # The first pass draws exactly what sampling without refinement draws (same key).
         first = run_decode(init_tokens, rng, cfg.num_steps)
+        refine_rng = jax.random.fold_in(rng, 0x5EF1)
         batch = init_tokens.shape[0]
 
         def cond_logits(tokens):  # The prompt's logits alone: the critic.
