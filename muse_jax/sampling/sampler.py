@@ -59,8 +59,10 @@ class Settings:
     # rounds (0: off), the share of the generated tokens re-masked per round, and the
     # decoding steps that fill them in again.
     refine_rounds: int = flax.struct.field(pytree_node=False, default=0)
-    refine_fraction: float = flax.struct.field(pytree_node=False, default=0.2)
-    refine_steps: int = flax.struct.field(pytree_node=False, default=4)
+    refine_fraction: float = flax.struct.field(
+        pytree_node=False, default=self_critic.DEFAULT_FRACTION
+    )
+    refine_steps: int = flax.struct.field(pytree_node=False, default=self_critic.DEFAULT_STEPS)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Settings:
@@ -81,17 +83,11 @@ class Settings:
         if scale < 0:
             raise UsageError(f"guidance_scale must be >= 0 (0: no guidance), got {scale}.")
         # Sampling blocks written before refinement existed lack its keys: off.
-        rounds = int(values.get("refine_rounds") or 0)
-        fraction = float(
-            0.2 if values.get("refine_fraction") is None else values["refine_fraction"]
-        )
-        refine_steps = int(4 if values.get("refine_steps") is None else values["refine_steps"])
-        if rounds < 0:
-            raise UsageError(f"refine_rounds must be >= 0 (0: off), got {rounds}.")
-        if rounds and not 0.0 < fraction <= 1.0:
-            raise UsageError(f"refine_fraction must be in (0, 1], got {fraction}.")
-        if refine_steps < 1:
-            raise UsageError(f"refine_steps must be >= 1, got {refine_steps}.")
+        given = lambda key, default: default if values.get(key) is None else values[key]
+        rounds = int(given("refine_rounds", 0))
+        fraction = float(given("refine_fraction", self_critic.DEFAULT_FRACTION))
+        refine_steps = int(given("refine_steps", self_critic.DEFAULT_STEPS))
+        self_critic.check_settings(rounds, fraction, refine_steps)
         return cls(
             guidance_scale=np.float32(scale),
             temperature=np.float32(temperature),

@@ -26,6 +26,21 @@ import numpy as np
 
 from muse_jax.errors import UsageError
 
+# The defaults of `Settings` (and of a sampling block that predates refinement).
+DEFAULT_FRACTION = 0.2
+DEFAULT_STEPS = 4
+
+
+def check_settings(rounds: int, fraction: float, steps: int = DEFAULT_STEPS) -> None:
+    """One-line refusals of refinement settings that cannot run."""
+    if rounds < 0:
+        raise UsageError(f"refine_rounds must be >= 0 (0: off), got {rounds}.")
+    if rounds and not 0.0 < fraction <= 1.0:
+        raise UsageError(f"refine_fraction must be in (0, 1], got {fraction}.")
+    if steps < 1:
+        raise UsageError(f"refine_steps must be >= 1, got {steps}.")
+
+
 # Scale of the token log-probability against unit Gumbel noise when choosing what to re-mask:
 # large enough that the least likely tokens go first, with a little randomness among near-ties.
 CRITIC_SHARPNESS = 30.0
@@ -109,10 +124,7 @@ def refine(
     Returns:
       [B, L] refined tokens.
     """
-    if rounds < 0:
-        raise UsageError(f"refine_rounds must be >= 0, got {rounds}.")
-    if rounds and not 0.0 < fraction <= 1.0:
-        raise UsageError(f"refine_fraction must be in (0, 1], got {fraction}.")
+    check_settings(rounds, fraction)
     chex.assert_equal_shape((tokens, generated))
     for r in range(rounds):
         pick_rng, decode_rng = jax.random.split(jax.random.fold_in(rng, r))
