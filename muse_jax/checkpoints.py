@@ -289,17 +289,24 @@ class Checkpointer:
             tree = getattr(meta, "tree", meta)
         except Exception:  # noqa: BLE001 -- no readable metadata: let the restore report it.
             return
-        saved = {
-            jax.tree_util.keystr(k): tuple(v.shape)
+        saved_leaves = [
+            (k, tuple(v.shape))
             for k, v in jax.tree_util.tree_leaves_with_path(tree)
             if hasattr(v, "shape")
-        }
-        wanted = {
-            jax.tree_util.keystr(k): tuple(v.shape)
-            for k, v in jax.tree_util.tree_leaves_with_path(abstract)
-        }
+        ]
+        wanted_leaves = [
+            (k, tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(abstract)
+        ]
         if partial:
-            saved = {k: v for k, v in saved.items() if k in wanted}
+            # A reader names whole top-level subtrees (the tokenizer's 'vq', not its 'disc');
+            # inside those, the checkpoint must hold exactly the config's arrays: an extra
+            # layer there means another model, which would otherwise load and sample garbage.
+            heads = {jax.tree_util.keystr(k[:1]) for k, _ in wanted_leaves}
+            saved_leaves = [
+                (k, shape) for k, shape in saved_leaves if jax.tree_util.keystr(k[:1]) in heads
+            ]
+        saved = {jax.tree_util.keystr(k): shape for k, shape in saved_leaves}
+        wanted = {jax.tree_util.keystr(k): shape for k, shape in wanted_leaves}
         if not saved or saved == wanted:
             return
         where = self.directory / str(step)

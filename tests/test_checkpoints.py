@@ -82,3 +82,39 @@ def test_legacy_single_item_checkpoints_still_restore(tmp_path):
     np.testing.assert_array_equal(params["w"], state.params["w"])
     restored, _ = checkpoints.load_state(str(tmp_path / "stage"), abstract, "stage")
     np.testing.assert_array_equal(restored.opt_state["mu"], state.opt_state["mu"])
+
+
+def test_reading_part_of_a_checkpoint_refuses_extra_arrays_inside_that_part(tmp_path):
+    """A reader may skip whole subtrees (a tokenizer's discriminator), but a checkpoint with
+    more arrays inside the subtree it reads (a deeper model) is another model: refused, since
+    it would otherwise load silently and sample garbage."""
+    import jax
+
+    from muse_jax.train.state import TrainState
+
+    def layer(i):
+        return {"kernel": np.full((2, 3), i, np.float32)}
+
+    params = {"model": {"layer_0": layer(0), "layer_1": layer(1)}, "disc": {"w": np.ones(4)}}
+    state = TrainState(
+        step=np.int32(5), params=params, opt_state={}, rng=np.zeros(2, np.uint32), extra={}
+    )
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "stage" / "checkpoints"), asynchronous=False)
+    ckpt.save(5, state)
+    ckpt.wait()
+    ckpt.close()
+
+    def spec(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+    read, step = checkpoints.load_params(
+        str(tmp_path / "stage"), spec({"model": params["model"]}), "stage", partial=True
+    )
+    assert step == 5 and set(read) == {"model"}
+    np.testing.assert_array_equal(read["model"]["layer_1"]["kernel"], layer(1)["kernel"])
+    shallower = spec({"model": {"layer_0": layer(0)}})
+    with pytest.raises(checkpoints.IncompatibleCheckpointError) as err:
+        checkpoints.load_params(str(tmp_path / "stage"), shallower, "stage", partial=True)
+    message = str(err.value)
+    assert "\n" not in message and "['model']['layer_1']['kernel'] is only in" in message
+    assert "1 extra" in message
