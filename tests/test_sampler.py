@@ -178,3 +178,63 @@ def test_self_critic_refinement_keeps_fixed_tokens_and_revisits_generated_ones(t
     generated = (~keep).sum(1)
     assert np.all((out != np.asarray(plain.tokens)).sum(1) <= 2 * np.round(0.5 * generated))
     assert refined.num_masked.shape == plain.num_masked.shape
+
+
+def test_guided_refinement_scores_with_the_prompt_alone(tiny):
+    """Guided sampling with refinement equals the loop written out by hand: guided decoding
+    ([prompt; negative] context, 2B rows), then rounds whose critic sees the prompt's context
+    alone (B rows) and whose re-decoding is guided again."""
+    from muse_jax.sampling import self_critic
+
+    _, _, base, params, cond, _, negative = tiny
+    tr, tp = base.transformer, {"params": params["transformer"]}
+    both = {k: jnp.concatenate([jnp.asarray(cond[k]), jnp.asarray(negative[k])]) for k in cond}
+    encoded = base.text_encoder.apply(
+        {"params": params["text_encoder"]}, both["text_ids"], both["text_mask"]
+    )
+    kv_both = tr.apply(tp, encoded, method=tr.encode_context)
+    kv_prompt = tr.apply(tp, encoded[:3], method=tr.encode_context)
+    cfg = base.config.base.sampling
+
+    def decode(tokens, key, num_steps):
+        fn = guidance.guided(
+            lambda t: tr.apply(tp, t, kv_both, both["text_mask"], method=tr.logits),
+            scale=5.0,
+            schedule="constant",
+            num_steps=num_steps,
+        )
+        return parallel_decode.decode(
+            tokens,
+            key,
+            fn,
+            mask_id=tr.mask_id,
+            num_steps=num_steps,
+            schedule=cfg.mask_schedule,
+            temperature=cfg.temperature,
+            temperature_final=cfg.temperature_final,
+            choice_temperature=cfg.choice_temperature,
+        )
+
+    rng = jax.random.PRNGKey(5)
+    init = jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32)
+    manual = self_critic.refine(
+        decode(init, rng, cfg.num_steps).tokens,
+        init == tr.mask_id,
+        jax.random.fold_in(rng, 0x5EF1),
+        score_logits_fn=lambda t: tr.apply(
+            tp, t, kv_prompt, both["text_mask"][:3], method=tr.logits
+        ),
+        redecode=lambda t, key: decode(t, key, 2).tokens,
+        mask_id=tr.mask_id,
+        rounds=2,
+        fraction=0.5,
+    )
+    sampler = _sampler(
+        base,
+        guidance_scale=5.0,
+        guidance_schedule="constant",
+        refine_rounds=2,
+        refine_fraction=0.5,
+        refine_steps=2,
+    )
+    np.testing.assert_array_equal(sampler(params, cond, negative, rng).tokens, manual)

@@ -193,6 +193,27 @@ def test_cascade_in_super_res_micro_batches_runs_each_as_the_stage_alone(random_
         )
 
 
+def test_guided_super_res_refinement_keeps_fixed_tokens(random_cascade):
+    """Refinement in the super-res stage (off by default): its critic reads the prompt's half of
+    the guided context, low-res tokens included, and fixed high-res tokens stay."""
+    config, _, sr, params, cond, uncond = random_cascade
+    cfg = config.superres.sampling.copy_and_resolve_references()
+    cfg.update(guidance_scale=2.0, refine_rounds=2, refine_fraction=0.5, refine_steps=2)
+    refining = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg)
+    plain_cfg = cfg.copy_and_resolve_references()
+    plain_cfg.refine_rounds = 0
+    plain_sampler = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, plain_cfg)
+    hi = sr.transformer
+    low = np.random.default_rng(0).integers(0, 8, (2, hi.lowres_len)).astype(np.int32)
+    init_hr = np.full((2, hi.seq_len), hi.mask_id, np.int32)
+    init_hr[:, :6] = 3
+    key = jax.random.PRNGKey(0)
+    out = np.asarray(refining(params["superres"], cond, uncond, key, init_hr, low).tokens)
+    plain = np.asarray(plain_sampler(params["superres"], cond, uncond, key, init_hr, low).tokens)
+    np.testing.assert_array_equal(out[:, :6], 3)
+    assert not np.any(out == hi.mask_id) and not np.array_equal(out, plain)
+
+
 @pytest.mark.slow
 def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_decoder(
     trained_cascade,

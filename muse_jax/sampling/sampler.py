@@ -172,9 +172,8 @@ class MuseSampler:
                 lowres_tokens = jnp.concatenate([lowres_tokens, lowres_tokens])
         else:
             text = cond
-        kv, ctx_mask = self._context(
-            tp, self._encode(params, text), text["text_mask"], lowres_tokens
-        )
+        encoded = self._encode(params, text)
+        kv, ctx_mask = self._context(tp, encoded, text["text_mask"], lowres_tokens)
 
         def logits_fn(tokens):
             return tr.apply(tp, tokens, kv, ctx_mask, method=tr.logits)
@@ -208,10 +207,19 @@ class MuseSampler:
         refine_rng = jax.random.fold_in(rng, 0x5EF1)
         batch = init_tokens.shape[0]
 
-        def cond_logits(tokens):  # The prompt's logits alone: the critic.
-            if cfg.guided:
-                return logits_fn(jnp.concatenate([tokens, tokens], axis=0))[:batch]
-            return logits_fn(tokens)
+        # The critic scores with the prompt's logits alone: the context of the guided batch's
+        # first half (B rows, not the 2B the guided passes run).
+        critic_kv, critic_mask = kv, ctx_mask
+        if cfg.guided:
+            critic_kv, critic_mask = self._context(
+                tp,
+                encoded[:batch],
+                text["text_mask"][:batch],
+                None if lowres_tokens is None else lowres_tokens[:batch],
+            )
+
+        def cond_logits(tokens):
+            return tr.apply(tp, tokens, critic_kv, critic_mask, method=tr.logits)
 
         refined = self_critic.refine(
             first.tokens,
