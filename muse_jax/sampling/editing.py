@@ -29,6 +29,7 @@ from PIL import Image
 from scipy import ndimage
 
 from muse_jax.errors import UsageError
+from muse_jax.sampling import self_critic
 
 # ---------------------------------------------------------------------------------------------
 # Masks.
@@ -339,14 +340,12 @@ def choose_resample(
 ) -> np.ndarray:
     """bool [B, L] with exactly `count` True per row, uniformly random, or biased towards low
     `scores` (e.g. the model's log-probability of the current token) by Gumbel top-k."""
-    keys = np.asarray(jax.random.gumbel(rng, shape))
-    if scores is not None:
-        chex.assert_shape(scores, shape)
-        keys = keys - np.asarray(scores, np.float32)
-    order = np.argsort(-keys, axis=-1)[:, :count]
-    mask = np.zeros(shape, bool)
-    np.put_along_axis(mask, order, True, axis=-1)
-    return mask
+    scores = np.zeros(shape, np.float32) if scores is None else np.asarray(scores, np.float32)
+    chex.assert_shape(scores, shape)
+    chosen = self_critic.gumbel_lowest(
+        rng, jnp.asarray(scores), jnp.ones(shape, bool), jnp.full(shape[:1], count, jnp.int32)
+    )
+    return np.asarray(chosen)
 
 
 # Mask-free editing's default share of the base tokens re-sampled per round: at 0.75 shape and

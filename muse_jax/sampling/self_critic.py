@@ -91,11 +91,24 @@ def choose_remask(
     """bool [B, L]: round(fraction * candidates per row) candidate positions, lowest scores
     first (Gumbel top-k on `-CRITIC_SHARPNESS * scores`); at least one where a row has any."""
     chex.assert_equal_shape((scores, candidates))
-    keys = jax.random.gumbel(rng, scores.shape) - CRITIC_SHARPNESS * scores
-    keys = jnp.where(candidates, keys, -jnp.inf)
     n_cand = jnp.sum(candidates, axis=-1)
     count = jnp.clip(jnp.round(fraction * n_cand).astype(jnp.int32), jnp.minimum(n_cand, 1), n_cand)
-    rank = jnp.argsort(jnp.argsort(-keys, axis=-1), axis=-1)  # 0 = first to re-mask.
+    return gumbel_lowest(rng, CRITIC_SHARPNESS * scores, candidates, count)
+
+
+def gumbel_lowest(
+    rng: jax.Array, scores: jax.Array, candidates: jax.Array, count: jax.Array
+) -> jax.Array:
+    """bool [B, L]: `count[b]` of row b's candidate positions, drawn without replacement with
+    weights exp(-scores) (Gumbel top-k): the lowest scores most likely, equal scores uniformly.
+
+    The one choice of tokens to re-sample, shared by refinement and mask-free editing.
+    """
+    chex.assert_equal_shape((scores, candidates))
+    chex.assert_shape(count, scores.shape[:1])
+    keys = jax.random.gumbel(rng, scores.shape) - scores
+    keys = jnp.where(candidates, keys, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-keys, axis=-1), axis=-1)  # 0 = the first chosen.
     return (rank < count[:, None]) & candidates
 
 
