@@ -51,6 +51,22 @@ def _sampler(base, **overrides):
     return MuseSampler(base.transformer, base.text_encoder, base.tokenizer, cfg)
 
 
+def _decode_by_hand(base, tokens, key, tokens_to_logits, num_steps):
+    """MaskGIT's loop with the config's decoding settings, outside the sampler."""
+    cfg = base.config.base.sampling
+    return parallel_decode.decode(
+        tokens,
+        key,
+        tokens_to_logits,
+        mask_id=base.transformer.mask_id,
+        num_steps=num_steps,
+        schedule=cfg.mask_schedule,
+        temperature=cfg.temperature,
+        temperature_final=cfg.temperature_final,
+        choice_temperature=cfg.choice_temperature,
+    )
+
+
 def test_images_have_the_configured_size_and_all_tokens_are_decoded(tiny):
     config, _, base, params, cond, uncond, _ = tiny
     out = _sampler(base)(params, cond, uncond, jax.random.PRNGKey(0))
@@ -75,18 +91,8 @@ def test_guidance_scale_zero_equals_the_conditional_path(tiny):
     fn = lambda t, s: tr.apply(
         {"params": params["transformer"]}, t, kv, jnp.asarray(cond["text_mask"]), method=tr.logits
     )
-    cfg = base.config.base.sampling
-    manual = parallel_decode.decode(
-        jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32),
-        rng,
-        fn,
-        mask_id=tr.mask_id,
-        num_steps=cfg.num_steps,
-        schedule=cfg.mask_schedule,
-        temperature=cfg.temperature,
-        temperature_final=cfg.temperature_final,
-        choice_temperature=cfg.choice_temperature,
-    )
+    init = jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32)
+    manual = _decode_by_hand(base, init, rng, fn, base.config.base.sampling.num_steps)
     np.testing.assert_array_equal(unguided.tokens, manual.tokens)
     # And a guided sampler whose negative prompt differs does change the result.
     guided = _sampler(base, guidance_scale=5.0, guidance_schedule="constant", refine_rounds=0)(
@@ -203,17 +209,7 @@ def test_guided_refinement_scores_with_the_prompt_alone(tiny):
             schedule="constant",
             num_steps=num_steps,
         )
-        return parallel_decode.decode(
-            tokens,
-            key,
-            fn,
-            mask_id=tr.mask_id,
-            num_steps=num_steps,
-            schedule=cfg.mask_schedule,
-            temperature=cfg.temperature,
-            temperature_final=cfg.temperature_final,
-            choice_temperature=cfg.choice_temperature,
-        )
+        return _decode_by_hand(base, tokens, key, fn, num_steps)
 
     rng = jax.random.PRNGKey(5)
     init = jnp.full((3, tr.seq_len), tr.mask_id, jnp.int32)
