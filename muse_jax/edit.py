@@ -6,8 +6,8 @@ r"""Binary: zero-shot editing with a trained experiment (same sampler as generat
       --output_dir=/tmp/edit
   # Outpainting: extend the image by left,top,right,bottom pixels (of IN.png).
   python -m muse_jax.edit ... --mode=outpaint --pad=0,0,16,0 --prompt="..."
-  # Mask-free: 4 rounds, each re-sampling 75% of the tokens under the new prompt, those the
-  # prompt explains worst first (--critic=0: uniformly).
+  # Mask-free: 4 rounds, each re-sampling 75% of the tokens under the new prompt, those that
+  # fit the rest of the image under it worst first (--critic=0: uniformly).
   python -m muse_jax.edit ... --mode=maskfree --iterations=4 --resample_fraction=0.75 \
       --prompt="..."
 
@@ -45,8 +45,8 @@ _ITERATIONS = flags.DEFINE_integer("iterations", 4, "maskfree: re-sampling round
 _CRITIC = flags.DEFINE_float(
     "critic",
     10.0,
-    "maskfree: weight of the text critic that picks the tokens to re-sample (those the new "
-    "prompt explains worse than no prompt first); 0 picks uniformly.",
+    "maskfree: weight of the self-critic that picks the tokens to re-sample (those least "
+    "likely given the rest of the image and the new prompt first); 0 picks uniformly.",
 )
 _FRACTION = flags.DEFINE_float(
     "resample_fraction",

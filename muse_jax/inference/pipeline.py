@@ -421,7 +421,7 @@ class MusePipeline:
 
     def edit(self, image, prompt: str, **kwargs) -> EditOutput:
         """Mask-free editing: `iterations` rounds each re-sampling `resample_fraction` of the
-        base tokens under `prompt`, chosen first where the prompt explains them worst (weight
+        base tokens under `prompt`, chosen first where they fit the rest under it worst (weight
         `critic`; 0 chooses uniformly). A smaller fraction keeps more of the input (its
         object's footprint) and edits shape and position less often (BENCHMARKS.md, "Edit success"). Keyword
         arguments as `inpaint`."""

@@ -205,8 +205,8 @@ class TokenStage(Protocol):
     def tokenize(self, images: np.ndarray) -> np.ndarray:
         """float [B, S, S, 3] in [-1, 1] -> int [B, grid * grid]."""
 
-    def text_contrast(self, tokens, cond, uncond) -> np.ndarray:
-        """[B, L] `MuseSampler.text_contrast` (mask-free editing with `critic` > 0 only)."""
+    def token_log_probs(self, tokens, cond) -> np.ndarray:
+        """[B, L] `MuseSampler.token_log_probs` (mask-free editing with `critic` > 0 only)."""
 
     def sample(self, init_tokens, cond, uncond, rng, lower=None) -> Any:
         """Fills the `mask_id` positions of `init_tokens` -> `sampler.Sample`. `lower`: the
@@ -221,7 +221,7 @@ class SamplerStage:
     def __init__(self, sampler, params: dict[str, Any], image_size: int, settings=None):
         self.sampler, self.params, self.image_size = sampler, params, image_size
         self.settings = settings
-        self._contrast = None
+        self._log_probs = None
         self.mask_id = sampler.transformer.vocab_size
         self.grid = int(round(sampler.transformer.seq_len**0.5))
         tok = sampler.tokenizer
@@ -233,11 +233,11 @@ class SamplerStage:
         chex.assert_shape(images, (None, self.image_size, self.image_size, 3))
         return np.asarray(self._tokenize(self.params["vq"], jnp.asarray(images)))
 
-    def text_contrast(self, tokens, cond, uncond) -> np.ndarray:
-        """[B, L] `MuseSampler.text_contrast` of this stage's tokens (the base stage's)."""
-        if self._contrast is None:
-            self._contrast = jax.jit(self.sampler.text_contrast)
-        return np.asarray(self._contrast(self.params, jnp.asarray(tokens), cond, uncond))
+    def token_log_probs(self, tokens, cond) -> np.ndarray:
+        """[B, L] `MuseSampler.token_log_probs` of this stage's tokens (the base stage's)."""
+        if self._log_probs is None:
+            self._log_probs = jax.jit(self.sampler.token_log_probs)
+        return np.asarray(self._log_probs(self.params, jnp.asarray(tokens), cond))
 
     def sample(self, init_tokens, cond, uncond, rng, lower=None):
         from muse_jax.sampling.sampler import SuperResSampler
@@ -374,9 +374,11 @@ def maskfree_edit(
     call as generation, so at most that many tokens change per round. Higher stages then
     re-generate the pixels covered by the base tokens that changed (a masked edit).
 
-    `critic` > 0 (without a `score_fn`) biases the choice by the base stage's text contrast
-    (`critic` * `MuseSampler.text_contrast` under the edit's prompt): tokens that the prompt
-    explains worse than no prompt go first. Chosen uniformly at small fractions, the
+    `critic` > 0 (without a `score_fn`) biases the choice by the refinement's self-critic
+    (`critic` * `MuseSampler.token_log_probs` under the edit's prompt): tokens that fit the rest
+    of the image under the new prompt least go first, such as patches of the old colour that
+    a text-contrast critic (prompt against no prompt) left in place. Chosen uniformly at small
+    fractions, the
     re-sampled tokens are mostly ones the edit need not touch, and the kept ones pull them back to the input
     (BENCHMARKS.md, "Quality ablations": edit success).
 
@@ -391,7 +393,7 @@ def maskfree_edit(
         raise UsageError(f"critic must be >= 0, got {critic}.")
     base = stages[0]
     if score_fn is None and critic > 0:
-        score_fn = lambda tokens: critic * base.text_contrast(tokens, cond, uncond)
+        score_fn = lambda tokens: critic * base.token_log_probs(tokens, cond)
     base_images = resize(images, base.image_size)
     ids = base.tokenize(base_images)
     count = max(1, round(resample_fraction * ids.shape[1]))

@@ -234,26 +234,18 @@ class MuseSampler:
         # num_masked keeps the first pass's history (one row per decoding step).
         return parallel_decode.DecodeResult(tokens=refined, num_masked=first.num_masked)
 
-    def text_contrast(
-        self,
-        params: dict[str, Any],
-        tokens: jax.Array,
-        cond: dict[str, jax.Array],
-        uncond: dict[str, jax.Array],
+    def token_log_probs(
+        self, params: dict[str, Any], tokens: jax.Array, cond: dict[str, jax.Array]
     ) -> jax.Array:
-        """[B, L]: log p(token | cond) - log p(token | uncond) for every token of a complete
-        [B, L] grid, all visible. Low where the prompt explains a token worse than no prompt
-        does: the tokens a mask-free edit should re-sample first (a text critic)."""
-        chex.assert_trees_all_equal_shapes(cond, uncond)
+        """[B, L]: log p(token | the other tokens, prompt) for every token of a complete [B, L]
+        grid, each scored with its 2x2-phase quarter of the grid masked (the refinement's
+        critic, `self_critic.token_log_probs`). Low where a token does not fit the rest of the
+        image under the prompt: the tokens a mask-free edit re-samples first."""
         tr, tp = self.transformer, {"params": params["transformer"]}
-
-        def log_probs(text):
-            kv, ctx_mask = self._context(tp, self._encode(params, text), text["text_mask"], None)
-            logits = tr.apply(tp, tokens, kv, ctx_mask, method=tr.logits)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-
-        return log_probs(cond) - log_probs(uncond)
+        kv, ctx_mask = self._context(tp, self._encode(params, cond), cond["text_mask"], None)
+        return self_critic.token_log_probs(
+            tokens, lambda t: tr.apply(tp, t, kv, ctx_mask, method=tr.logits), tr.mask_id
+        )
 
     def decode_pixels(self, params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return self.tokenizer.apply(
