@@ -378,9 +378,8 @@ def maskfree_edit(
     (`critic` * `MuseSampler.token_log_probs` under the edit's prompt): tokens that fit the rest
     of the image under the new prompt least go first, such as patches of the old colour that
     a text-contrast critic (prompt against no prompt) left in place. Chosen uniformly at small
-    fractions, the
-    re-sampled tokens are mostly ones the edit need not touch, and the kept ones pull them back to the input
-    (BENCHMARKS.md, "Quality ablations": edit success).
+    fractions, the re-sampled tokens are mostly ones the edit need not touch, and the kept ones
+    pull them back to the input (BENCHMARKS.md, "Quality ablations": edit success).
 
     Returns:
       `EditResult` with `changed_per_iteration`: [B] counts of tokens changed in each round.
