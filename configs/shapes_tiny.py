@@ -237,7 +237,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
 
-    # Stage 3: the high-res tokenizer (64x64 images -> 16x16 tokens). Fully convolutional with
+    # Stage 3: the base decoder (muse_jax/train/base_decoder_stage.py): the low-res tokenizer's
+    # decoder fine-tuned on grids with a uniform share in [0, redraw_max] of their tokens
+    # re-drawn by the trained base transformer, so that it decodes the base stage's samples to
+    # whole shapes instead of blobs between shapes (BENCHMARKS.md, "Quality ablations").
+    # Sampling uses it when its checkpoint exists; a config without this block skips it.
+    config.base_decoder = ml_collections.ConfigDict(
+        dict(
+            redraw_max=0.5,
+            temperature=1.0,  # Of the re-drawing step's tokens.
+            loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
+            train=_train(batch_size=32, num_steps=800, lr=5e-4),
+        )
+    )
+    config.base_decoder.train.optimizer.warmup_steps = 20
+
+    # Stage 4: the high-res tokenizer (64x64 images -> 16x16 tokens). Fully convolutional with
     # the low-res tokenizer's architecture, so it starts from that tokenizer's weights
     # (`init_from`; "" trains from scratch as the paper's separate f8 VQGAN does).
     config.superres_tokenizer = ml_collections.ConfigDict(
@@ -251,7 +266,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     config.superres_tokenizer.train.optimizer.warmup_steps = 5
 
-    # Stage 4: the super-res transformer: 16x16 high-res tokens given the 8x8 low-res tokens
+    # Stage 5: the super-res transformer: 16x16 high-res tokens given the 8x8 low-res tokens
     # (through their own `lowres_depth` self-attention layers) and the text.
     config.superres = ml_collections.ConfigDict(
         dict(
@@ -304,7 +319,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
 
-    # Stage 5: decoder fine-tuning of the high-res tokenizer: encoder and codebook frozen, a
+    # Stage 6: decoder fine-tuning of the high-res tokenizer: encoder and codebook frozen, a
     # deeper decoder (zero-initialised extra residual blocks: it starts as the trained decoder)
     # trained with the tokenizer's losses. Sampling uses it when its checkpoint exists.
     config.decoder = ml_collections.ConfigDict(
@@ -459,6 +474,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     for stage in (
         config.tokenizer,
         config.base,
+        config.base_decoder,
         config.superres_tokenizer,
         config.superres,
         config.decoder,

@@ -19,11 +19,13 @@ from muse_jax.errors import UsageError
 class StageSpec:
     """`name`: the stage's config block and checkpoint directory. `implementation`:
     'module:Class' of its `Stage` subclass, imported on first use. `cascade`: one of the
-    super-res stages, trained only when the config has them."""
+    super-res stages, trained only when the config has them. `optional`: trained only when
+    the config has its block (sampling uses it when its checkpoint exists)."""
 
     name: str
     implementation: str
     cascade: bool = False
+    optional: bool = False
 
 
 def check_unique(specs: Sequence[StageSpec]) -> tuple[StageSpec, ...]:
@@ -40,6 +42,9 @@ STAGES: tuple[StageSpec, ...] = check_unique(
     (
         StageSpec("tokenizer", "muse_jax.train.tokenizer_stage:TokenizerStage"),
         StageSpec("base", "muse_jax.train.base_stage:BaseStage"),
+        StageSpec(
+            "base_decoder", "muse_jax.train.base_decoder_stage:BaseDecoderStage", optional=True
+        ),
         StageSpec(
             "superres_tokenizer",
             "muse_jax.train.tokenizer_stage:SuperResTokenizerStage",
@@ -75,7 +80,8 @@ def stage_dir(config, workdir: str, name: str) -> str:
 
 def enabled(config) -> tuple[str, ...]:
     """Every stage the config trains, in order."""
-    return BASE_STAGES + (SUPERRES_STAGES if has_cascade(config) else ())
+    names = BASE_STAGES + (SUPERRES_STAGES if has_cascade(config) else ())
+    return tuple(n for n in names if not spec(n).optional or n in config)
 
 
 # A stage's run that ended for good (its last step, or its wall-clock cap) says so here, so that

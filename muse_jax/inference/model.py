@@ -135,6 +135,8 @@ def load(
 
     With `cascade`, the super-res stage and high-res tokenizer are required; the fine-tuned
     decoder is used when the reader has one (otherwise the tokenizer's own decoder decodes).
+    Likewise the base decoder (`muse_jax.train.base_decoder_stage`) decodes the base stage's
+    tokens when the reader has one.
     `reader` None: an abstract model, every parameter a `jax.ShapeDtypeStruct` with its
     sharding on `mesh` (default: the config's mesh on this host's devices), the fine-tuned
     decoder included; nothing is read. `muse_jax.aot` compiles its samplers.
@@ -154,6 +156,8 @@ def load(
         vocab_size = conditioner.vocab.vocab_size
     mods = modules_lib.build(config, vocab_size, conditioner.precomputed, cascade)
     names = list(modules_lib.BASE_COMPONENTS)
+    if reader is not None and reader.has("base_decoder"):
+        names.append("base_decoder")
     if cascade:
         names += ["superres_tokenizer", "superres"]
         if mods.finetuned_decoder is not None and (reader is None or reader.has("decoder")):
@@ -173,7 +177,11 @@ def load(
         return p
 
     base = MuseSampler(mods.base, mods.text_encoder, mods.tokenizer, config.base.sampling)
-    params = {"base": sampler_params("base", stage_params["tokenizer"]["vq"])}
+    base_vq = stage_params["tokenizer"]["vq"]
+    steps.setdefault("base_decoder", None)
+    if "base_decoder" in stage_params:  # The decoder fine-tuned on the base stage's grids.
+        base_vq = {**base_vq, "decoder": stage_params["base_decoder"]["decoder"]}
+    params = {"base": sampler_params("base", base_vq)}
     model = Model(config, mods, conditioner, params, stage_params, steps, base)
     if cascade:
         hr_vq, decoder = stage_params["superres_tokenizer"]["vq"], mods.superres_tokenizer

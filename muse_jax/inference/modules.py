@@ -126,6 +126,9 @@ def param_tree(
 
     trees = {
         "tokenizer": lambda rng: {"vq": init_vq(modules.tokenizer, config.data.image_size, rng)},
+        "base_decoder": lambda rng: {
+            "decoder": init_vq(modules.tokenizer, config.data.image_size, rng)["decoder"]
+        },
         "base": lambda rng: transformer_stage(modules.base, rng),
         "superres_tokenizer": lambda rng: {"vq": init_vq(modules.superres_tokenizer, hr, rng)},
         "superres": lambda rng: transformer_stage(

@@ -1,0 +1,85 @@
+"""The base decoder stage: the low-res decoder fine-tuned on the base transformer's re-drawn
+grids, and sampling that decodes with it."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes_tiny
+from muse_jax import stages
+from muse_jax.errors import UsageError
+from muse_jax.train.base_decoder_stage import redraw
+
+
+def test_redraw_replaces_a_bounded_share_with_the_models_tokens():
+    vocab, code = 16, 7
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (64, 1024), 0, vocab)
+    tokens = jnp.where(tokens == code, 0, tokens)  # No real token equals the model's choice.
+    seen_inputs = []
+
+    def logits_fn(t):
+        seen_inputs.append(t)
+        return jnp.where(jnp.arange(vocab + 1) == code, 50.0, -50.0)[None, None].repeat(
+            t.shape[0], 0
+        ).repeat(t.shape[1], 1)
+
+    assert np.array_equal(redraw(jax.random.PRNGKey(1), tokens, logits_fn, vocab, 0.0), tokens)
+    out = np.asarray(redraw(jax.random.PRNGKey(1), tokens, logits_fn, vocab, 0.6))
+    changed = out != np.asarray(tokens)
+    assert np.all(out[changed] == code)  # Re-drawn positions take the model's token ...
+    # ... exactly where the model's input was masked, and nowhere else.
+    assert np.array_equal(np.asarray(seen_inputs[-1]) == vocab, changed)
+    share = changed.mean(axis=1)
+    assert share.max() <= 0.6 + 0.06 and share.mean() == pytest.approx(0.3, abs=0.06)
+    with pytest.raises(UsageError, match="redraw_max"):
+        redraw(jax.random.PRNGKey(1), tokens, logits_fn, vocab, 1.5)
+
+
+def test_a_config_without_the_block_skips_the_stage():
+    config = shapes_tiny.get_config("smoke")
+    assert "base_decoder" in stages.enabled(config)
+    del config.base_decoder
+    assert stages.enabled(config) == tuple(n for n in stages.NAMES if n != "base_decoder")
+
+
+def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
+    trained_smoke, tmp_path
+):
+    from muse_jax import checkpoints, parallel
+    from muse_jax.inference.pipeline import MusePipeline
+    from muse_jax.train import stage as stage_lib
+    from muse_jax.train import trainer
+
+    config, source = trained_smoke
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    before = MusePipeline.from_workdir(config, workdir, stages="base")
+    assert before.steps["base_decoder"] is None
+
+    # Warm start: the fine-tuning begins at exactly the tokenizer's decoder.
+    stage = stage_lib.get("base_decoder")(config, workdir)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    state, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    state = stage.warm_start(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state), mesh, rules)
+    tok = checkpoints.load_params(
+        os.path.join(workdir, "tokenizer"),
+        stage_lib.load_trained(config, workdir, "tokenizer", mesh, rules, abstract=True)[0],
+        "tokenizer",
+    )[0]
+    chex_equal = jax.tree.map(
+        lambda a, b: bool(np.array_equal(a, b)), state.params["decoder"], tok["vq"]["decoder"]
+    )
+    assert all(jax.tree.leaves(chex_equal))
+
+    result = trainer.train(config, workdir, "base_decoder")
+    assert result.step == config.base_decoder.train.num_steps
+    after = MusePipeline.from_workdir(config, workdir, stages="base")
+    assert after.steps["base_decoder"] == config.base_decoder.train.num_steps
+    prompts = list(config.eval.seen_prompts)
+    a, b = before(prompts, seed=3), after(prompts, seed=3)
+    assert np.array_equal(a.tokens, b.tokens)  # The same tokens ...
+    assert not np.array_equal(a.array, b.array)  # ... decoded by the fine-tuned decoder.
