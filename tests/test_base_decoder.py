@@ -23,9 +23,11 @@ def test_redraw_replaces_a_bounded_share_with_the_models_tokens():
 
     def logits_fn(t):
         seen_inputs.append(t)
-        return jnp.where(jnp.arange(vocab + 1) == code, 50.0, -50.0)[None, None].repeat(
-            t.shape[0], 0
-        ).repeat(t.shape[1], 1)
+        return (
+            jnp.where(jnp.arange(vocab + 1) == code, 50.0, -50.0)[None, None]
+            .repeat(t.shape[0], 0)
+            .repeat(t.shape[1], 1)
+        )
 
     assert np.array_equal(redraw(jax.random.PRNGKey(1), tokens, logits_fn, vocab, 0.0), tokens)
     out = np.asarray(redraw(jax.random.PRNGKey(1), tokens, logits_fn, vocab, 0.6))
@@ -64,7 +66,9 @@ def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     stage = stage_lib.get("base_decoder")(config, workdir)
     mesh, rules = parallel.create_mesh(config), parallel.rules(config)
     state, _ = parallel.abstract_state(stage.init, jax.random.PRNGKey(0), mesh, rules)
-    state = stage.warm_start(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state), mesh, rules)
+    state = stage.warm_start(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state), mesh, rules
+    )
     tok = checkpoints.load_params(
         os.path.join(workdir, "tokenizer"),
         stage_lib.load_trained(config, workdir, "tokenizer", mesh, rules, abstract=True)[0],

@@ -74,7 +74,9 @@ class BaseDecoderStage(BaseStage):
     def warm_start(self, state: TrainState, mesh, axis_rules) -> TrainState:
         vq, _ = load_tokenizer_params(self.config, self.workdir, mesh, axis_rules)
         decoder, loaded, fresh = merge_matching(state.params["decoder"], vq["decoder"])
-        print(f"[{self.name}] decoder: {loaded} tensors from the tokenizer, {fresh} new", flush=True)
+        print(
+            f"[{self.name}] decoder: {loaded} tensors from the tokenizer, {fresh} new", flush=True
+        )
         return state.replace(params={**state.params, "decoder": decoder})
 
     def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
@@ -104,8 +106,14 @@ class BaseDecoderStage(BaseStage):
         tp = {"params": frozen["base"]["transformer"]}
         logits_fn = lambda t: self.transformer.apply(tp, t, ctx, text["text_mask"])
         mixed = jax.lax.stop_gradient(
-            redraw(redraw_rng, tokens, logits_fn, self.transformer.mask_id, cfg.redraw_max,
-                   cfg.temperature)
+            redraw(
+                redraw_rng,
+                tokens,
+                logits_fn,
+                self.transformer.mask_id,
+                cfg.redraw_max,
+                cfg.temperature,
+            )
         )
 
         def loss_fn(params):
@@ -142,7 +150,10 @@ class BaseDecoderStage(BaseStage):
         )
         plain, tuned = decode(frozen["tokenizer"]), decode(self._vq(state.params, frozen))
         rows = [summaries.to_uint8(np.asarray(a)) for a in (x, plain, tuned)]
-        writer.write_images(step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]})
-        psnr = lambda r: float(losses.psnr(float(np.mean((np.clip(r, -1, 1) - np.asarray(x)) ** 2))))
+        writer.write_images(
+            step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]}
+        )
+        psnr = lambda r: float(
+            losses.psnr(float(np.mean((np.clip(r, -1, 1) - np.asarray(x)) ** 2)))
+        )
         return {"eval/psnr": psnr(tuned), "eval/psnr_plain_decoder": psnr(plain)}
-
