@@ -247,7 +247,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             redraw_max=0.5,
             temperature=1.0,  # Of the re-drawing step's tokens.
             loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
-            train=_train(batch_size=32, num_steps=800, lr=5e-4),
+            train=_train(batch_size=32, num_steps=600, lr=1e-3),
         )
     )
     config.base_decoder.train.optimizer.warmup_steps = 20
@@ -432,13 +432,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # Wall-clock caps that keep the main job within 15 minutes on slower machines than the
     # reference one: a stage that reaches its budget stops there with a checkpoint (fewer steps,
-    # a learning rate not yet decayed; rerunning resumes it). They sum to 13.2 min, leaving
-    # the evaluation phase ~1.5 min. On the 2-core machine of 2026-12-04 (a third of the
+    # a learning rate not yet decayed; rerunning resumes it). They sum to 15.2 min: on the
+    # reference machine every stage ends well before its cap and the job before 15 min. On the 2-core machine of 2026-12-04 (a third of the
     # matmul speed of 2026-11-30) the base stage stops at its cap near step 1760 of 1800, at
     # the tail of its cosine decay (BENCHMARKS.md, section "Embedded default, end to end
     # (CPU)").
     config.tokenizer.train.time_budget_s = 200.0
     config.base.train.time_budget_s = 330.0
+    config.base_decoder.train.time_budget_s = 120.0
     config.superres_tokenizer.train.time_budget_s = 30.0
     config.superres.train.time_budget_s = 200.0
     config.decoder.train.time_budget_s = 30.0
