@@ -56,7 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     text_block = model.get("text_encoder") or model["base"]["text_encoder"]
     sampling = model["base"].get("sampling") or model["sampling"]
     config = shapes_tiny.get_config()
-    for name in ("superres_tokenizer", "superres", "decoder"):
+    for name in ("base_decoder", "superres_tokenizer", "superres", "decoder"):
         del config[name]
     config.data = user_data.data_config()
     config.data.image_size = model["data"]["image_size"]

@@ -128,6 +128,8 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
     config.base.train.optimizer.update(dict(warmup_steps=5000, b1=0.9, b2=0.96, weight_decay=0.045))
     for stage in (config.tokenizer, config.base):
         stage.train.time_budget_s = 0.0
+    # The base decoder (shapes_tiny's addition, not the paper's) is left out here.
+    del config.base_decoder
     for stage in (
         config.tokenizer,
         config.base,

@@ -1,11 +1,11 @@
 r"""Embedded default: the whole Muse pipeline on procedurally drawn shapes, on CPU.
 
 Sized so that `python -m muse_jax.pipeline --config=configs/shapes_tiny.py` (dataset build,
-the five stages, cascade sampling, alignment score) finishes within 15 minutes on 2 CPU cores.
+the six stages, cascade sampling, alignment score) finishes within 15 minutes on 2 CPU cores.
 Every field can be overridden, e.g. `--config.base.train.num_steps=200`. One stage at a time,
 in this order (each reads the earlier ones' checkpoints from the same workdir):
 
-  for s in tokenizer base superres_tokenizer superres decoder; do
+  for s in tokenizer base base_decoder superres_tokenizer superres decoder; do
     python -m muse_jax.train --config=configs/shapes_tiny.py --config.stage=$s --workdir=runs/shapes
   done
 

@@ -152,7 +152,7 @@ def main(argv):
         )
     for note in out.notes:
         print(f"note: {note}")
-    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    steps = pipe.trained_steps
     res = out.result
     for i, img in enumerate(out.array):
         storage.save_png(img, storage.join(_OUT.value, f"edit_{i:03d}.png"))

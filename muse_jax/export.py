@@ -8,7 +8,7 @@ Writes one safetensors file per stage (parameters only: no optimizer state), `co
 (everything sampling needs, so loading takes no config file), the vocabulary and a model card
 `README.md` (stages and their training steps, data, the workdir's alignment scores when
 `alignment.json` exists). `--stages=cascade` (the default when the config has the super-res
-stages) exports all five stages; `--stages=base` the tokenizer and base stage. The output
+stages) exports every stage; `--stages=base` the tokenizer and base stages. The output
 directory must not hold an export already, unless `--overwrite`.
 """
 
@@ -22,7 +22,7 @@ from muse_jax import cli, storage
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory with trained stages.")
 _OUT = flags.DEFINE_string("out", None, "Model directory to write (local or gs://).")
-_STAGES = cli.define_stages_flag("tokenizer + base stage", "all five stages")
+_STAGES = cli.define_stages_flag("tokenizer + base stage", "every stage")
 _STEP = flags.DEFINE_integer("step", None, "Base checkpoint step to export (default: latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
 

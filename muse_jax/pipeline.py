@@ -1,9 +1,10 @@
-r"""Binary: the whole embedded-default job, data -> the five stages -> samples -> scores.
+r"""Binary: the whole embedded-default job, data -> the six stages -> samples -> scores.
 
   python -m muse_jax.pipeline --config=configs/shapes_tiny.py --workdir=runs/shapes
 
 Builds the procedural shapes dataset and trains, in order, the low-res VQ tokenizer, the base
-transformer, the high-res tokenizer, the super-res transformer and the fine-tuned decoder (each
+transformer, the base decoder (the low-res decoder fine-tuned on the base stage's grids), the
+high-res tokenizer, the super-res transformer and the fine-tuned decoder (each
 resumable: rerunning continues where it stopped; a config without `superres` stops after the
 base). Then it samples `eval.samples_per_prompt` images for every seen and held-out prompt
 through the cascade and scores both the base stage's own output and the cascade's; writes

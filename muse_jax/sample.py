@@ -91,7 +91,7 @@ def main(argv):
             pipe = MusePipeline.from_workdir(config, _WORKDIR.value, stages=stages, **kw)
         except FileNotFoundError as e:
             raise cli.missing_stage(e, "sample", stages == "cascade") from None
-    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    steps = pipe.trained_steps
     shown, shown_low, written = [], [], 0
     for part in pipe.generate([prompt], num_images_per_prompt=_NUM.value, seed=_SEED.value):
         for image in part.array:

@@ -49,18 +49,19 @@ def test_a_config_without_the_block_skips_the_stage():
 
 
 def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
-    trained_smoke, tmp_path
+    trained_cascade, tmp_path
 ):
     from muse_jax import checkpoints, parallel
     from muse_jax.inference.pipeline import MusePipeline
     from muse_jax.train import stage as stage_lib
     from muse_jax.train import trainer
 
-    config, source = trained_smoke
+    config, source = trained_cascade
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     before = MusePipeline.from_workdir(config, workdir, stages="base")
-    assert before.steps["base_decoder"] is None
+    before_cascade = MusePipeline.from_workdir(config, workdir, stages="cascade")
+    assert before.steps["base_decoder"] is None and "base_decoder" not in before.trained_steps
 
     # Warm start: the fine-tuning begins at exactly the tokenizer's decoder.
     stage = stage_lib.get("base_decoder")(config, workdir)
@@ -82,8 +83,13 @@ def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     result = trainer.train(config, workdir, "base_decoder")
     assert result.step == config.base_decoder.train.num_steps
     after = MusePipeline.from_workdir(config, workdir, stages="base")
-    assert after.steps["base_decoder"] == config.base_decoder.train.num_steps
+    assert after.trained_steps["base_decoder"] == config.base_decoder.train.num_steps
     prompts = list(config.eval.seen_prompts)
     a, b = before(prompts, seed=3), after(prompts, seed=3)
     assert np.array_equal(a.tokens, b.tokens)  # The same tokens ...
     assert not np.array_equal(a.array, b.array)  # ... decoded by the fine-tuned decoder.
+    # In the cascade it draws the base stage's images; super-res reads the same tokens.
+    c = before_cascade(prompts, seed=3)
+    d = MusePipeline.from_workdir(config, workdir, stages="cascade")(prompts, seed=3)
+    assert np.array_equal(c.lowres_tokens, d.lowres_tokens) and np.array_equal(c.array, d.array)
+    assert not np.array_equal(c.lowres_array, d.lowres_array)

@@ -198,7 +198,7 @@ class Evaluator:
             batch_size=max(int(ev.batch_size), int(ev.get("samples_per_prompt", 1))),
             max_images=1 << 30,
         )
-        steps = {k: v for k, v in loaded.steps.items() if k in ("base", "superres", "decoder")}
+        steps = loaded.trained_steps
         step = int(steps["base"])
         wall = {"load": time.perf_counter() - t0, "generate": 0.0}
         self._prepare()  # After the checkpoint loads: a missing one fails before this work.

@@ -36,7 +36,7 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
         stages="cascade" if cascade else "base",
         batch_size=n * len(every_prompt),
     )
-    steps = {k: v for k, v in pipe.steps.items() if k in ("base", "superres", "decoder")}
+    steps = pipe.trained_steps
     step = steps["superres"] if cascade else steps["base"]
     writer = metric_writers.create_default_writer(storage.join(workdir, "eval"), asynchronous=False)
     report: dict = {

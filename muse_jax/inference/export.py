@@ -3,6 +3,7 @@
     <out>/config.json              format, the model config (everything sampling needs), stages
     <out>/tokenizer.safetensors    base tokenizer VQ model
     <out>/base.safetensors         base transformer (+ its text encoder when trained here)
+    <out>/base_decoder.safetensors the base decoder, when the workdir has one
     <out>/superres_tokenizer.safetensors, superres.safetensors, decoder.safetensors  (cascade)
     <out>/vocab.model              the SentencePiece vocabulary (unless the config uses bytes)
     <out>/README.md                a model card: stages and steps, data, scores

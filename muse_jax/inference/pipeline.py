@@ -152,6 +152,15 @@ class MusePipeline:
     def steps(self) -> dict[str, int | None]:
         return dict(self.model.steps)
 
+    @property
+    def trained_steps(self) -> dict[str, int | None]:
+        """The checkpoint steps a record of samples names: the base, super-res and decoder
+        stages (None where not loaded), and the base decoder when one decodes."""
+        steps = {k: v for k, v in self.model.steps.items() if k in ("base", "superres", "decoder")}
+        if self.model.steps.get("base_decoder") is not None:
+            steps["base_decoder"] = self.model.steps["base_decoder"]
+        return steps
+
     def image_size(self, stages: str | None = None) -> int:
         cfg = self.config.data
         return cfg.hr_image_size if self._cascade(stages) else cfg.image_size
