@@ -432,11 +432,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # Wall-clock caps that keep the main job within 15 minutes on slower machines than the
     # reference one: a stage that reaches its budget stops there with a checkpoint (fewer steps,
-    # a learning rate not yet decayed; rerunning resumes it). They sum to 15.2 min: on the
-    # reference machine every stage ends well before its cap and the job before 15 min. On the 2-core machine of 2026-12-04 (a third of the
-    # matmul speed of 2026-11-30) the base stage stops at its cap near step 1760 of 1800, at
-    # the tail of its cosine decay (BENCHMARKS.md, section "Embedded default, end to end
-    # (CPU)").
+    # a learning rate not yet decayed; rerunning resumes it). They sum to 15.2 min; on the
+    # 2-core machine of 2026-12-04 every stage ends before its cap and the job takes 14.7 min
+    # (BENCHMARKS.md, section "Embedded default, end to end (CPU)").
     config.tokenizer.train.time_budget_s = 200.0
     config.base.train.time_budget_s = 330.0
     config.base_decoder.train.time_budget_s = 120.0

@@ -8,8 +8,8 @@ most often on small objects. Here the encoder and codebook stay frozen and the d
 to map grids with part of their tokens re-drawn by the frozen base transformer (a uniform share
 in [0, `redraw_max`] of each grid masked and filled in one step, conditioned on the caption)
 back to the real image. Step 0 is the plain decoder. The sampler decodes the base stage's
-tokens with it, and the cascade hands the super-res stage the tokens of its image re-encoded
-(`muse_jax.sampling.sampler.CascadeSampler`).
+tokens with it (`muse_jax.inference.model.load`); the super-res stage still reads those tokens
+as drawn (handing it the new decoder's image re-encoded lost held-out pairs: BENCHMARKS.md).
 """
 
 from __future__ import annotations
