@@ -36,7 +36,9 @@ def test_bad_config_key_fails_with_one_clear_line(tmp_path):
 def test_unknown_stage_lists_the_valid_ones(tmp_path):
     proc = _run([f"--config={CONFIG}:smoke", "--config.stage=superduper", f"--workdir={tmp_path}"])
     assert proc.returncode == 2
-    valid = "tokenizer, base, base_decoder, superres_tokenizer, superres, decoder"  # In training order.
+    valid = (
+        "tokenizer, base, base_decoder, superres_tokenizer, superres, decoder"  # In training order.
+    )
     assert f"error: Unknown stage 'superduper'; valid: {valid}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
