@@ -147,7 +147,7 @@ def _seconds_per_step(compiled, state, args: tuple, steps: int, per_call: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/shapes_tiny.py")
-    parser.add_argument("--stages", default=",".join(stages.NAMES))
+    parser.add_argument("--stages", default="", help="Comma-separated (default: the config's).")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/muse_bench_train_steps")
     parser.add_argument(
@@ -181,7 +181,7 @@ def main() -> None:
     )
     print(head)
     total = 0.0
-    for name in args.stages.split(","):
+    for name in args.stages.split(",") if args.stages else stages.enabled(config):
         r = bench(name, config, args.workdir, args.steps, peak)
         total += r["config_s"]
         print(

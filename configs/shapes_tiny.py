@@ -430,8 +430,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
 
-    # Wall-clock caps that keep the main job within 15 minutes on slower machines than the
-    # reference one: a stage that reaches its budget stops there with a checkpoint (fewer steps,
+    # Wall-clock caps that bound the main job on slower machines than the reference one: a
+    # stage that reaches its budget stops there with a checkpoint (fewer steps,
     # a learning rate not yet decayed; rerunning resumes it). They sum to 15.2 min; on the
     # 2-core machine of 2026-12-04 every stage ends before its cap and the job takes 14.7 min
     # (BENCHMARKS.md, section "Embedded default, end to end (CPU)").

@@ -33,8 +33,8 @@ parse_stages() {
     local s
     for s in "${stage_list[@]}"; do
         case "$s" in
-            tokenizer | base | superres_tokenizer | superres | decoder) ;;
-            *) die "--stage must be a comma-separated list of tokenizer, base, superres_tokenizer, superres, decoder; got '$1'" ;;
+            tokenizer | base | base_decoder | superres_tokenizer | superres | decoder) ;;
+            *) die "--stage must be a comma-separated list of tokenizer, base, base_decoder, superres_tokenizer, superres, decoder; got '$1'" ;;
         esac
     done
 }

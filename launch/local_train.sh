@@ -19,8 +19,8 @@ the other, and stops at the first run that fails.
 Options (`--flag=value` or `--flag value`):
   --config=CONFIG          config file, e.g. configs/shapes_tiny.py (or configs/shapes_tiny.py:smoke)
   --workdir=DIR            experiment directory
-  --stage=STAGE[,STAGE]    stages in order, from tokenizer, base, superres_tokenizer, superres,
-                           decoder (e.g. tokenizer,base; default: the config's stage);
+  --stage=STAGE[,STAGE]    stages in order, from tokenizer, base, base_decoder,
+                           superres_tokenizer, superres, decoder (e.g. tokenizer,base; default: the config's stage);
                            several stages run in that order; needed with --sweep
   --sweep=FILE             a sweep file (configs/sweeps/X.py, see muse_jax/sweep.py): one run per
                            point in DIR/<point-name>; its keys are checked against CONFIG first.

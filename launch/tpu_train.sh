@@ -32,8 +32,8 @@ Options (`--flag=value` or `--flag value`):
   --config=CONFIG          config file inside the repository, e.g. configs/shapes_tiny.py
                            (a `:arg` suffix is kept: configs/shapes_tiny.py:smoke)
   --workdir=gs://...       experiment directory; must be on GCS (shared by all workers)
-  --stage=STAGE[,STAGE]    stages in order, from tokenizer, base, superres_tokenizer, superres,
-                           decoder (e.g. tokenizer,base; default: the config's stage);
+  --stage=STAGE[,STAGE]    stages in order, from tokenizer, base, base_decoder,
+                           superres_tokenizer, superres, decoder (e.g. tokenizer,base; default: the config's stage);
                            several stages run in that order; needed with --sweep
   --sweep=FILE             a sweep file (configs/sweeps/X.py, see muse_jax/sweep.py): one run per
                            point in WORKDIR/<point-name>. Base-only sweeps share WORKDIR's

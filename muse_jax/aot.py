@@ -14,8 +14,8 @@ config's rules, and prints what the XLA:TPU compiler says about each:
 - a roofline step time: the slowest of FLOPs at the chip's peak, HBM traffic at its bandwidth and
   collective traffic at its ICI bandwidth; an estimate, never a measurement.
 
-Programs: the train steps of the config's stages (tokenizer, base, superres_tokenizer, superres,
-decoder); the base and super-res steps once per text route (`--text`: "precomputed" embeddings,
+Programs: the train steps of the config's stages (tokenizer, base, base_decoder,
+superres_tokenizer, superres, decoder); the base and super-res steps once per text route (`--text`: "precomputed" embeddings,
 or the encoder in the "graph", frozen T5 or the trainable tiny one); and the samplers at
 `--sampler_batch` on `--sampler_chips` chips: the base stage alone and, with super-res, the whole
 cascade. Nothing reads a checkpoint, a dataset or a vocabulary, and nothing runs.
@@ -40,6 +40,8 @@ from muse_jax.errors import UsageError
 
 TRAIN_PROGRAMS = stages.NAMES  # One train program per registered stage.
 TEXT_STAGES = ("base", "superres")
+# Stages whose batches hold captions: aot gives them the text route's conditioner.
+CAPTIONED_STAGES = TEXT_STAGES + ("base_decoder",)
 TEXT_ROUTES = ("precomputed", "graph")
 GiB = tpu.GiB
 
@@ -181,7 +183,7 @@ def train_program(config, name: str, mesh, batch_size: int, route: str = "precom
     from muse_jax.train import trainer
 
     cls = stage_lib.get(name)
-    kwargs = {"conditioner": _conditioner(config, route)} if name in TEXT_STAGES else {}
+    kwargs = {"conditioner": _conditioner(config, route)} if name in CAPTIONED_STAGES else {}
     stage = cls(config, "<aot: nothing is read>", **kwargs)
     rules = parallel.rules(config)
     check_batch(batch_size, mesh, f"{name}.train")
@@ -456,7 +458,7 @@ def run(
         log(f"[{i + 1}/{len(plan)}] compiling {label} ...")
         if kind == "train":
             batch = batch_size or config[what].train.batch_size
-            model = config[what].model
+            model = config[what].get("model", {})
             settings = {"dtype": model.get("dtype", "float32")}
             if what in TEXT_STAGES:
                 settings |= {

@@ -8,7 +8,8 @@ Writes one safetensors file per stage (parameters only: no optimizer state), `co
 (everything sampling needs, so loading takes no config file), the vocabulary and a model card
 `README.md` (stages and their training steps, data, the workdir's alignment scores when
 `alignment.json` exists). `--stages=cascade` (the default when the config has the super-res
-stages) exports every stage; `--stages=base` the tokenizer and base stages. The output
+stages) exports every stage; `--stages=base` the tokenizer and base stages (and the base
+decoder when the workdir has one). The output
 directory must not hold an export already, unless `--overwrite`.
 """
 

@@ -156,8 +156,11 @@ def load(
         vocab_size = conditioner.vocab.vocab_size
     mods = modules_lib.build(config, vocab_size, conditioner.precomputed, cascade)
     names = list(modules_lib.BASE_COMPONENTS)
-    if reader is not None and reader.has("base_decoder"):
-        names.append("base_decoder")
+    # A base decoder is tuned to the latest base checkpoint: an older one (`base_step`) decodes
+    # with the tokenizer's own decoder.
+    if reader is not None and getattr(reader, "base_step", None) is None:
+        if reader.has("base_decoder"):
+            names.append("base_decoder")
     if cascade:
         names += ["superres_tokenizer", "superres"]
         if mods.finetuned_decoder is not None and (reader is None or reader.has("decoder")):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from muse_jax import parallel
 from muse_jax.errors import UsageError
 from muse_jax.train import losses, stage, summaries
 from muse_jax.train.base_stage import BaseStage, load_tokenizer_params
@@ -83,11 +84,13 @@ class BaseDecoderStage(BaseStage):
         """The tokenizer (encoder and codebook make the targets) and the base stage's weights
         (its transformer re-draws tokens)."""
         frozen = super().frozen(mesh, axis_rules, abstract)
-        base, step = stage.load_trained(
-            self.config, self.workdir, "base", mesh, axis_rules, abstract=abstract
-        )
-        if not abstract:
-            print(f"[{self.name}] using base checkpoint step {step}", flush=True)
+        if abstract:  # The base stage's parameters as this stage builds them: nothing is read.
+            base_init = lambda rng: BaseStage.init(self, rng)
+            state, _ = parallel.abstract_state(base_init, jax.random.PRNGKey(0), mesh, axis_rules)
+            frozen["base"] = state.params
+            return frozen
+        base, step = stage.load_trained(self.config, self.workdir, "base", mesh, axis_rules)
+        print(f"[{self.name}] using base checkpoint step {step}", flush=True)
         frozen["base"] = base
         return frozen
 

@@ -1,4 +1,4 @@
-"""Stage 5: decoder fine-tuning (Muse section 2.3).
+"""Stage 6: decoder fine-tuning (Muse section 2.3).
 
 The high-res tokenizer's encoder and codebook stay frozen (so every token the super-res stage
 learned keeps its meaning) while a deeper/wider decoder learns to turn those same tokens into

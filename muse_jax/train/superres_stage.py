@@ -1,4 +1,4 @@
-"""Stage 4: the super-resolution transformer (Muse section 2.4).
+"""Stage 5: the super-resolution transformer (Muse section 2.4).
 
 It predicts the high-res tokenizer's tokens of an image from its (unmasked) low-res tokens and
 the caption. Training is the base stage's: cosine-scheduled masking of the high-res tokens,
