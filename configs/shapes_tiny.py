@@ -246,7 +246,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dict(
             redraw_max=0.5,
             temperature=1.0,  # Of the re-drawing step's tokens.
-            loss=ml_collections.ConfigDict(config.tokenizer.loss.to_dict()),
+            # The tokenizer's pixel terms; no discriminator is trained here.
+            loss=ml_collections.ConfigDict(
+                {k: config.tokenizer.loss[k] for k in ("l1_weight", "l2_weight", "edge_weight")}
+            ),
             train=_train(batch_size=32, num_steps=600, lr=1e-3),
         )
     )

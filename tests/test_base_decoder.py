@@ -48,6 +48,25 @@ def test_a_config_without_the_block_skips_the_stage():
     assert stages.enabled(config) == tuple(n for n in stages.NAMES if n != "base_decoder")
 
 
+def test_loss_terms_it_would_ignore_are_refused(tmp_path):
+    from muse_jax.train.base_decoder_stage import BaseDecoderStage
+
+    config = shapes_tiny.get_config("smoke")
+    assert set(config.base_decoder.loss) == set(BaseDecoderStage.loss_keys)
+    config.base_decoder.loss.adversarial_weight = 0.1  # No discriminator is trained here.
+    with pytest.raises(UsageError, match="adversarial_weight"):
+        BaseDecoderStage(config, str(tmp_path))
+
+
+def test_summary_psnr_clips_the_reconstruction():
+    from muse_jax.train import summaries
+
+    x = np.full((2, 4, 4, 3), 0.5, np.float32)
+    assert summaries.psnr(x + 0.2, x) == pytest.approx(20.0, abs=1e-4)  # MSE 0.04 of range 2.
+    x[:] = 0.9
+    assert summaries.psnr(x + 0.6, x) == pytest.approx(26.0206, abs=1e-3)  # Clipped: MSE 0.01.
+
+
 def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     trained_cascade, tmp_path
 ):

@@ -59,6 +59,16 @@ class BaseDecoderStage(BaseStage):
     """Reads the base stage's training batches (images and captions) and its frozen weights."""
 
     name = "base_decoder"
+    loss_keys = ("l1_weight", "l2_weight", "edge_weight")  # Pixel terms; no discriminator.
+
+    def __init__(self, config, workdir: str, conditioner=None):
+        super().__init__(config, workdir, conditioner)
+        ignored = sorted(set(self.stage_config.loss) - set(self.loss_keys))
+        if ignored:
+            raise UsageError(
+                f"base_decoder.loss has {', '.join(ignored)}: this stage trains the decoder on "
+                f"pixel losses only; valid keys: {', '.join(self.loss_keys)}."
+            )
 
     def init(self, rng: jax.Array) -> TrainState:
         size = self.config.data.image_size
@@ -156,7 +166,7 @@ class BaseDecoderStage(BaseStage):
         writer.write_images(
             step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]}
         )
-        psnr = lambda r: float(
-            losses.psnr(float(np.mean((np.clip(r, -1, 1) - np.asarray(x)) ** 2)))
-        )
-        return {"eval/psnr": psnr(tuned), "eval/psnr_plain_decoder": psnr(plain)}
+        return {
+            "eval/psnr": summaries.psnr(tuned, x),
+            "eval/psnr_plain_decoder": summaries.psnr(plain, x),
+        }

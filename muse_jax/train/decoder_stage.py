@@ -160,5 +160,7 @@ class DecoderStage(stage.Stage):
         writer.write_images(
             step, {"reconstructions": summaries.grid(np.concatenate(rows), 16)[None]}
         )
-        psnr = lambda r: float(losses.psnr(float(np.mean((np.clip(r, -1, 1) - x) ** 2))))
-        return {"eval/psnr": psnr(tuned), "eval/psnr_plain_decoder": psnr(plain)}
+        return {
+            "eval/psnr": summaries.psnr(tuned, x),
+            "eval/psnr_plain_decoder": summaries.psnr(plain, x),
+        }

@@ -8,6 +8,12 @@ from muse_jax import storage
 from muse_jax.inference.images import grid, to_uint8, upscale  # noqa: F401  (re-exported)
 
 
+def psnr(recon: np.ndarray, x: np.ndarray) -> float:
+    """PSNR in dB of `recon` (clipped to [-1, 1]) against `x`, both images in [-1, 1]."""
+    mse = float(np.mean((np.clip(np.asarray(recon), -1, 1) - np.asarray(x)) ** 2))
+    return 10.0 * float(np.log10(4.0 / max(mse, 1e-10)))
+
+
 def save_png(image: np.ndarray, path: str) -> None:
     """A uint8 image as a PNG, local or remote (see `muse_jax.storage`)."""
     storage.save_png(image, path)
