@@ -157,6 +157,7 @@ def get_config(arg: str = "3b") -> ml_collections.ConfigDict:
             **preset["superres"],
             dtype="bfloat16",
             aligned_lowres="none",
+            lowres_input="tokens",
             remat="full",
             scan_layers=True,
         )

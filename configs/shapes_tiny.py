@@ -292,6 +292,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     # among its children and draws far worse edges: BENCHMARKS.md, "Quality
                     # ablations"). "none" is the paper's model.
                     aligned_lowres="subpixel",
+                    # What the low-res stack reads: "pixels", the low-res image (the base
+                    # stage's tokens decoded by the base decoder), one patch per low-res token;
+                    # or "tokens", the ids (the paper's). With ids it drew held-out colour-shape
+                    # pairs and two-object scenes worse than the base stage itself; with pixels
+                    # better (BENCHMARKS.md, "Quality ablations").
+                    lowres_input="pixels",
                 )
             ),
             mask_schedule="cosine",

@@ -37,8 +37,9 @@ def trained_smoke(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_cascade(trained_smoke, tmp_path_factory):
-    """A copy of `trained_smoke` with the super-res stages trained too (the original keeps only
-    the base stages, so tests of the one-stage path see exactly that)."""
+    """A copy of `trained_smoke` with the base decoder and the super-res stages trained too (the
+    original keeps only the base stages, so tests of the one-stage path see exactly that). The
+    super-res stage reads the low-res image the base decoder makes."""
     import shutil
 
     from muse_jax import stages
@@ -47,6 +48,6 @@ def trained_cascade(trained_smoke, tmp_path_factory):
     config, source = trained_smoke
     workdir = str(tmp_path_factory.mktemp("cascade") / "run")
     shutil.copytree(source, workdir)
-    for stage in stages.SUPERRES_STAGES:
+    for stage in ("base_decoder", *stages.SUPERRES_STAGES):
         trainer.train(config, workdir, stage)
     return config, workdir

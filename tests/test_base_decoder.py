@@ -70,7 +70,7 @@ def test_summary_psnr_clips_the_reconstruction():
 def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     trained_cascade, tmp_path
 ):
-    from muse_jax import checkpoints, parallel
+    from muse_jax import checkpoints, parallel, stages
     from muse_jax.inference.pipeline import MusePipeline
     from muse_jax.train import stage as stage_lib
     from muse_jax.train import trainer
@@ -78,6 +78,7 @@ def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     config, source = trained_cascade
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
+    shutil.rmtree(stages.stage_dir(config, workdir, "base_decoder"))  # Trained again below.
     before = MusePipeline.from_workdir(config, workdir, stages="base")
     before_cascade = MusePipeline.from_workdir(config, workdir, stages="cascade")
     assert before.steps["base_decoder"] is None and "base_decoder" not in before.trained_steps
@@ -107,8 +108,11 @@ def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     a, b = before(prompts, seed=3), after(prompts, seed=3)
     assert np.array_equal(a.tokens, b.tokens)  # The same tokens ...
     assert not np.array_equal(a.array, b.array)  # ... decoded by the fine-tuned decoder.
-    # In the cascade it draws the base stage's images; super-res reads the same tokens.
+    # In the cascade it draws the base stage's images, and the super-res stage reads those
+    # images (`superres.model.lowres_input="pixels"`): the same base tokens, other high-res ones.
+    assert config.superres.model.lowres_input == "pixels"
     c = before_cascade(prompts, seed=3)
     d = MusePipeline.from_workdir(config, workdir, stages="cascade")(prompts, seed=3)
-    assert np.array_equal(c.lowres_tokens, d.lowres_tokens) and np.array_equal(c.array, d.array)
+    assert np.array_equal(c.lowres_tokens, d.lowres_tokens)
     assert not np.array_equal(c.lowres_array, d.lowres_array)
+    assert not np.array_equal(c.tokens, d.tokens)

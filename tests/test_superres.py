@@ -45,6 +45,7 @@ def random_cascade(tmp_path_factory):
             "transformer": sharpen(sr_p["transformer"]),
             "text_encoder": sr_p["text_encoder"],
             "vq": hi_vq,
+            "lowres_vq": lo_vq,  # The smoke config's super-res reads the low-res image.
         },
     }
     ids, mask = tasks.encode_prompts(
@@ -57,9 +58,17 @@ def random_cascade(tmp_path_factory):
 
 def _loss(sr, params, inputs, targets, masked, text, low):
     loss, _ = sr.loss(
-        params, None, inputs, targets, masked, text, {"lowres_tokens": low}, jax.random.PRNGKey(0)
+        params, None, inputs, targets, masked, text, {"lowres": low}, jax.random.PRNGKey(0)
     )
     return float(loss)
+
+
+def _random_lowres(tr, rng, batch=2):
+    """A random low-res input of `tr`'s kind: token ids, or an image in [-1, 1]."""
+    shape = tr.lowres_example(batch).shape
+    if tr.lowres_input == "pixels":
+        return rng.uniform(-1, 1, shape).astype(np.float32)
+    return rng.integers(0, tr.lowres_vocab_size, shape).astype(np.int32)
 
 
 def test_superres_loss_reads_the_masked_high_res_positions_only(random_cascade):
@@ -73,7 +82,7 @@ def test_superres_loss_reads_the_masked_high_res_positions_only(random_cascade):
     targets = rng.integers(0, tr.vocab_size, (2, tr.seq_len)).astype(np.int32)
     masked = rng.random((2, tr.seq_len)) < 0.5
     inputs = np.where(masked, tr.mask_id, targets)
-    low = rng.integers(0, tr.lowres_vocab_size, (2, tr.lowres_len)).astype(np.int32)
+    low = _random_lowres(tr, rng)
     ref = _loss(sr, p, inputs, targets, masked, cond, low)
 
     # Other targets where the input is visible: the loss does not move, to the bit.
@@ -86,25 +95,72 @@ def test_superres_loss_reads_the_masked_high_res_positions_only(random_cascade):
     assert abs(_loss(sr, p, inputs, changed, masked, cond, low) - ref) > 1e-6
 
 
-def test_lowres_tokens_reach_each_examples_logits(random_cascade):
-    config, _, sr, params, cond, _ = random_cascade
-    tr = sr.transformer
-    ctx = sr.encode_text(params["superres"], None, cond)
-    tokens = jnp.full((2, tr.seq_len), tr.mask_id, jnp.int32)
+@pytest.mark.parametrize("lowres_input", ["tokens", "pixels"])
+def test_lowres_input_reaches_each_examples_logits(random_cascade, lowres_input):
+    config, _, sr, _, cond, _ = random_cascade
+    tr = sr.transformer.clone(lowres_input=lowres_input)
     rng = np.random.default_rng(1)
-    low = rng.integers(0, tr.lowres_vocab_size, (2, tr.lowres_len)).astype(np.int32)
-    apply = jax.jit(
-        lambda low: tr.apply(
-            {"params": params["superres"]["transformer"]}, tokens, ctx, cond["text_mask"], low
-        )
-    )
+    low = _random_lowres(tr, rng)
+    ctx = jnp.asarray(rng.normal(size=(2, cond["text_mask"].shape[1], 16)), jnp.float32)
+    tokens = jnp.full((2, tr.seq_len), tr.mask_id, jnp.int32)
+    init = nn.unbox(tr.init(jax.random.PRNGKey(0), tokens, ctx, cond["text_mask"], low))
+    sharp = jax.tree.map(lambda x: x * 3, init)
+    apply = jax.jit(lambda low: tr.apply(sharp, tokens, ctx, cond["text_mask"], low))
     before = np.asarray(apply(low))
     low2 = low.copy()
-    low2[0, 3] = (low2[0, 3] + 1) % tr.lowres_vocab_size  # One token of example 0 only.
+    if lowres_input == "pixels":  # One pixel of example 0 only.
+        low2[0, 5, 6, 1] = -low2[0, 5, 6, 1]
+        assert "Embed_0" not in init["params"]["lowres"]  # No table of token ids.
+    else:  # One token of example 0 only.
+        low2[0, 3] = (low2[0, 3] + 1) % tr.lowres_vocab_size
     after = np.asarray(apply(low2))
     assert np.max(np.abs(after[0] - before[0])) > 1e-3
     np.testing.assert_array_equal(after[1], before[1])
     assert before.shape == (2, tr.seq_len, config.superres_tokenizer.model.codebook_size)
+
+
+def test_pixel_input_cuts_the_image_into_each_low_res_tokens_patch():
+    from muse_jax.models.transformer import SuperResTransformer
+
+    tr = SuperResTransformer(
+        vocab_size=5, seq_len=16, lowres_vocab_size=7, lowres_len=4, width=8, depth=1,
+        lowres_depth=1, num_heads=2, mlp_dim=16, lowres_input="pixels", lowres_patch=3,
+    )  # fmt: skip
+    image = np.arange(2 * 6 * 6 * 3, dtype=np.float32).reshape(2, 6, 6, 3)
+    assert tr.lowres_example(2).shape == image.shape
+    patches = np.asarray(tr.apply({}, jnp.asarray(image), method=lambda m, x: m._patches(x)))
+    assert patches.shape == (2, 4, 27)
+    for r in range(2):
+        for c in range(2):  # Row-major, as the low-res token grid.
+            want = image[:, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3].reshape(2, -1)
+            np.testing.assert_array_equal(patches[:, 2 * r + c], want)
+    with pytest.raises(ValueError, match="expected 6x6"):
+        tr.apply({}, jnp.zeros((1, 8, 8, 3)), method=lambda m, x: m._patches(x))
+    tokens, text, text_mask = jnp.full((1, 16), 5), jnp.ones((1, 3, 6)), jnp.ones((1, 3))
+    with pytest.raises(ValueError, match="valid: tokens, pixels"):
+        tr.clone(lowres_input="ids").init(
+            jax.random.PRNGKey(0), tokens, text, text_mask, jnp.zeros((1, 4), jnp.int32)
+        )
+
+
+def test_pixel_super_res_sampler_reads_the_low_res_tokens_through_lowres_vq(random_cascade):
+    """The sampler decodes the base tokens with params['lowres_vq'] (the base stage's decoder):
+    another decoder gives the super-res stage another image, hence other tokens."""
+    from muse_jax.sampling.sampler import SuperResSampler
+
+    config, base, sr, params, cond, uncond = random_cascade
+    assert sr.sampler.reads_pixels
+    low = np.asarray(base.sampler(params["base"], cond, uncond, jax.random.PRNGKey(0)).tokens)
+    p = params["superres"]
+    a = sr.sampler(p, cond, uncond, jax.random.PRNGKey(1), None, low)
+    b = sr.sampler(p, cond, uncond, jax.random.PRNGKey(1), None, low)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    other = jax.tree.map(lambda x: -x, p["lowres_vq"]["decoder"])
+    p2 = {**p, "lowres_vq": {**p["lowres_vq"], "decoder": other}}
+    c = sr.sampler(p2, cond, uncond, jax.random.PRNGKey(1), None, low)
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    with pytest.raises(ValueError, match="low-res tokenizer"):
+        SuperResSampler(sr.transformer, sr.text_encoder, sr.hr_tokenizer, config.superres.sampling)
 
 
 @pytest.mark.parametrize("mode", ["parent", "subpixel"])
@@ -178,7 +234,7 @@ def test_cascade_in_super_res_micro_batches_runs_each_as_the_stage_alone(random_
     config, base, sr, params, cond, uncond = random_cascade
     cfg = config.superres.sampling.copy_and_resolve_references()
     cfg.micro_batch = 1
-    chunked = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg)
+    chunked = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg, sr.tokenizer)
     out = CascadeSampler(base.sampler, chunked)(params, cond, uncond, jax.random.PRNGKey(0))
     hr = config.data.hr_image_size
     assert out.images.shape == (2, hr, hr, 3) and out.num_masked.shape == (cfg.num_steps, 2)
@@ -199,10 +255,12 @@ def test_guided_super_res_refinement_keeps_fixed_tokens(random_cascade):
     config, _, sr, params, cond, uncond = random_cascade
     cfg = config.superres.sampling.copy_and_resolve_references()
     cfg.update(guidance_scale=2.0, refine_rounds=2, refine_fraction=0.5, refine_steps=2)
-    refining = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg)
+    refining = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, cfg, sr.tokenizer)
     plain_cfg = cfg.copy_and_resolve_references()
     plain_cfg.refine_rounds = 0
-    plain_sampler = type(sr.sampler)(sr.transformer, sr.text_encoder, sr.hr_tokenizer, plain_cfg)
+    plain_sampler = type(sr.sampler)(
+        sr.transformer, sr.text_encoder, sr.hr_tokenizer, plain_cfg, sr.tokenizer
+    )
     hi = sr.transformer
     low = np.random.default_rng(0).integers(0, 8, (2, hi.lowres_len)).astype(np.int32)
     init_hr = np.full((2, hi.seq_len), hi.mask_id, np.int32)

@@ -197,9 +197,11 @@ def load(
             }
             decoder = mods.finetuned_decoder
         model.superres_sampler = SuperResSampler(
-            mods.superres, mods.text_encoder, decoder, config.superres.sampling
+            mods.superres, mods.text_encoder, decoder, config.superres.sampling, mods.tokenizer
         )
         params["superres"] = sampler_params("superres", hr_vq)
+        if model.superres_sampler.reads_pixels:  # The base stage's pixels, as in training.
+            params["superres"]["lowres_vq"] = base_vq
         model.cascade_sampler = CascadeSampler(base, model.superres_sampler)
     return model
 

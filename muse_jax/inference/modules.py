@@ -134,9 +134,7 @@ def param_tree(
         "superres": lambda rng: transformer_stage(
             modules.superres,
             rng,
-            lowres_tokens=jnp.zeros((1, modules.superres.lowres_len), jnp.int32)
-            if modules.superres is not None
-            else None,
+            lowres=modules.superres.lowres_example() if modules.superres is not None else None,
         ),
         "decoder": lambda rng: {"decoder": init_vq(modules.finetuned_decoder, hr, rng)["decoder"]},
     }

@@ -135,6 +135,8 @@ def superres_transformer(config) -> SuperResTransformer:
         dropout=m.get("dropout", 0.0),
         dtype=get_dtype(m.get("dtype", "float32")),
         aligned_lowres=aligned_lowres(m.get("aligned_lowres", "none")),
+        lowres_input=m.get("lowres_input", "tokens"),
+        lowres_patch=tokenizer(config).downsample_factor,
         attention=m.get("attention", "auto"),
         remat=m.get("remat", "none"),
         scan_layers=bool(m.get("scan_layers", False)),

@@ -268,20 +268,28 @@ class TinyTextEncoder(nn.Module):
     remat: str = "none"  # See `REMAT_POLICIES` (the super-res stage's low-res encoder).
 
     @nn.compact
-    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        chex.assert_equal_shape((ids, mask))
-        x = nn.Embed(
-            self.vocab_size,
-            self.width,
-            dtype=self.dtype,
-            embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"),
-        )(ids)
+    def __call__(
+        self, ids: jax.Array | None, mask: jax.Array, embeds: jax.Array | None = None
+    ) -> jax.Array:
+        """`ids` [B, S] with `mask` [B, S]; or, `ids` None, input `embeds` [B, S, width] in
+        their place (the super-res stage's low-res image patches): no embedding table then."""
+        if embeds is None:
+            chex.assert_equal_shape((ids, mask))
+            x = nn.Embed(
+                self.vocab_size,
+                self.width,
+                dtype=self.dtype,
+                embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"),
+            )(ids)
+        else:
+            chex.assert_shape(embeds, (*mask.shape, self.width))
+            x = embeds.astype(self.dtype)
         pos = self.param(
             "pos_embed",
             partitioned(nn.initializers.normal(0.02), "length", "embed"),
             (self.max_length, self.width),
         )
-        x = x + pos[None, : ids.shape[1]].astype(self.dtype)
+        x = x + pos[None, : x.shape[1]].astype(self.dtype)
         attn_mask = mask[:, None, None, :].astype(bool)
         blocks = [
             Block(
@@ -304,6 +312,7 @@ class TinyTextEncoder(nn.Module):
 
 
 ALIGNED_LOWRES = ("none", "parent", "subpixel")
+LOWRES_INPUTS = ("tokens", "pixels")
 
 
 class SuperResTransformer(nn.Module):
@@ -313,6 +322,13 @@ class SuperResTransformer(nn.Module):
     concatenated with the projected text embeddings and the result is the context every
     high-res layer cross-attends to. Only the text part is ever dropped or replaced (guidance):
     the low-res tokens are the stage's input, present in both branches.
+
+    `lowres_input="pixels"` (not the paper's) feeds that stack the low-res *image* instead: the
+    pixels of each low-res token's patch (`lowres_patch` square), projected, in place of the
+    token's embedding. The image is the low-res tokens decoded (`SuperResSampler` decodes them).
+    Token ids carry no colour or shape apart: a model that learned each id's meaning from the
+    training pairs draws colour-shape pairs it never saw wrongly, where the same pixels carry
+    the shape in each colour channel (BENCHMARKS.md, "Quality ablations").
     """
 
     vocab_size: int  # High-res codebook; [MASK] is `vocab_size`.
@@ -334,6 +350,8 @@ class SuperResTransformer(nn.Module):
     # or past its parent; "none": the paper's model. Small, briefly trained models learn to
     # follow this path far sooner than cross-attention.
     aligned_lowres: str = "none"
+    lowres_input: str = "tokens"  # Or "pixels": see the class docstring.
+    lowres_patch: int = 0  # Pixels per low-res token along each side ("pixels" only).
     attention: str = "auto"
     remat: str = "none"  # Both stacks; see `REMAT_POLICIES`.
     scan_layers: bool = False  # The high-res stack (the low-res encoder stays unrolled).
@@ -347,6 +365,16 @@ class SuperResTransformer(nn.Module):
             raise ValueError(
                 f"aligned_lowres={self.aligned_lowres!r}; valid: {', '.join(ALIGNED_LOWRES)}"
             )
+        if self.lowres_input not in LOWRES_INPUTS:
+            raise ValueError(
+                f"lowres_input={self.lowres_input!r}; valid: {', '.join(LOWRES_INPUTS)}"
+            )
+        if self.lowres_input == "pixels":
+            if self.lowres_patch < 1:
+                raise ValueError(
+                    f"lowres_input='pixels' needs lowres_patch >= 1, got {self.lowres_patch}"
+                )
+            self.lowres_pixels_proj = layers.dense(self.width, "context_embed", "embed", self.dtype)
         if self.aligned_lowres != "none":
             children = self._factor() ** 2 if self.aligned_lowres == "subpixel" else 1
             self.aligned_proj = layers.dense(
@@ -378,19 +406,43 @@ class SuperResTransformer(nn.Module):
             scan_layers=self.scan_layers,
         )
 
+    def lowres_example(self, batch: int = 1) -> jax.Array:
+        """Zeros shaped like this model's low-res input (for `init`): token ids
+        [batch, lowres_len], or with `lowres_input="pixels"` an image [batch, H, W, 3]."""
+        if self.lowres_input == "pixels":
+            size = round(self.lowres_len**0.5) * self.lowres_patch
+            return jnp.zeros((batch, size, size, 3), jnp.float32)
+        return jnp.zeros((batch, self.lowres_len), jnp.int32)
+
+    def _patches(self, image: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, lowres_len, p*p*C]: each low-res token's patch, row-major."""
+        chex.assert_rank(image, 4)
+        b, h, w, c = image.shape
+        p, side = self.lowres_patch, round(self.lowres_len**0.5)
+        if h != side * p or w != side * p:
+            raise ValueError(f"low-res image {h}x{w}; expected {side * p}x{side * p}")
+        x = image.reshape(b, side, p, side, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, self.lowres_len, p * p * c)
+
     def encode_context(
-        self, context: jax.Array, context_mask: jax.Array, lowres_tokens: jax.Array
+        self, context: jax.Array, context_mask: jax.Array, lowres: jax.Array
     ) -> tuple[tuple[ContextKV, jax.Array | None], jax.Array]:
         """((every layer's cross-attention keys/values, aligned low-res input embeddings or
         None), the keys' mask [B, S + lowres_len]).
 
-        Computed once per prompt and low-res image; the decoding loop only calls `logits`.
+        `lowres`: low-res token ids [B, lowres_len], or the low-res image [B, H, W, 3] in
+        [-1, 1] (`lowres_input="pixels"`). Computed once per prompt and low-res image; the
+        decoding loop only calls `logits`.
         """
-        chex.assert_rank(lowres_tokens, 2)
-        chex.assert_axis_dimension(lowres_tokens, 1, self.lowres_len)
-        low = self.lowres(lowres_tokens, jnp.ones_like(lowres_tokens))
+        ones = jnp.ones((lowres.shape[0], self.lowres_len), jnp.int32)
+        if self.lowres_input == "pixels":
+            patches = self._patches(jnp.clip(lowres.astype(jnp.float32), -1.0, 1.0))
+            low = self.lowres(None, ones, embeds=self.lowres_pixels_proj(patches))
+        else:
+            chex.assert_shape(lowres, (None, self.lowres_len))
+            low = self.lowres(lowres, ones)
         ctx = jnp.concatenate([self.text_proj(context).astype(low.dtype), low], axis=1)
-        mask = jnp.concatenate([context_mask, jnp.ones_like(lowres_tokens)], axis=1)
+        mask = jnp.concatenate([context_mask, ones.astype(context_mask.dtype)], axis=1)
         aligned = None
         if self.aligned_lowres == "parent":
             aligned = self._upsample(self.aligned_proj(low))
@@ -445,13 +497,13 @@ class SuperResTransformer(nn.Module):
         tokens: jax.Array,
         context: jax.Array,
         context_mask: jax.Array,
-        lowres_tokens: jax.Array,
+        lowres: jax.Array,
         deterministic: bool = True,
     ) -> jax.Array:
         """Logits [B, L, vocab] for high-res tokens [B, L] (masked with `mask_id`), text [B, S, C]
-        with mask [B, S], and low-res tokens [B, lowres_len]."""
+        with mask [B, S], and the low-res input (`encode_context`)."""
         chex.assert_equal_shape_prefix((context, context_mask), 2)
-        kv, mask = self.encode_context(context, context_mask, lowres_tokens)
+        kv, mask = self.encode_context(context, context_mask, lowres)
         return self.logits(tokens, kv, mask, deterministic)
 
 

@@ -146,6 +146,10 @@ class MuseSampler:
             {"params": params["text_encoder"]}, text["text_ids"], text["text_mask"]
         )
 
+    def _lowres_input(self, params: dict[str, Any], lowres_tokens: Any) -> Any:
+        """What the transformer reads of the low-res tokens (super-res samplers)."""
+        return lowres_tokens
+
     def _context(self, tp: dict[str, Any], ctx: jax.Array, ctx_mask: jax.Array, lowres: Any):
         """(cross-attention keys/values of every layer, their mask): once per prompt."""
         del lowres
@@ -166,6 +170,7 @@ class MuseSampler:
         chex.assert_trees_all_equal_shapes(cond, uncond)
         cfg, tr = settings or self.settings, self.transformer
         tp = {"params": params["transformer"]}
+        lowres_tokens = self._lowres_input(params, lowres_tokens)
         if cfg.guided:
             text = _concat(cond, uncond)
             if lowres_tokens is not None:  # Both branches see the same low-res tokens.
@@ -291,7 +296,28 @@ class MuseSampler:
 
 
 class SuperResSampler(MuseSampler):
-    """High-res tokens given low-res tokens and text; `tokenizer` is the high-res decoder."""
+    """High-res tokens given low-res tokens and text; `tokenizer` is the high-res decoder.
+
+    A transformer that reads the low-res image (`lowres_input="pixels"`) gets the low-res
+    tokens decoded by `lowres_tokenizer` with `params['lowres_vq']`: the weights that make the
+    base stage's pixels (its fine-tuned base decoder when there is one), as in training.
+    """
+
+    def __init__(self, transformer, text_encoder, tokenizer, sampling_cfg, lowres_tokenizer=None):
+        super().__init__(transformer, text_encoder, tokenizer, sampling_cfg)
+        self.lowres_tokenizer = lowres_tokenizer
+        if self.reads_pixels and lowres_tokenizer is None:
+            raise ValueError("A super-res model reading pixels needs the low-res tokenizer.")
+
+    @property
+    def reads_pixels(self) -> bool:
+        return getattr(self.transformer, "lowres_input", "tokens") == "pixels"
+
+    def _lowres_input(self, params, lowres_tokens):
+        if not self.reads_pixels or lowres_tokens is None:
+            return lowres_tokens
+        tk = self.lowres_tokenizer
+        return tk.apply({"params": params["lowres_vq"]}, lowres_tokens, method=tk.decode_ids)
 
     def _context(self, tp, ctx, ctx_mask, lowres):
         if lowres is None:

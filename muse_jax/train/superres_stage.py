@@ -5,6 +5,11 @@ the caption. Training is the base stage's: cosine-scheduled masking of the high-
 cross-entropy on the masked positions only, and caption dropout for classifier-free guidance
 (the low-res tokens are never dropped). Both tokenizers are frozen; the text conditioning is
 the base stage's configuration (a trainable tiny encoder gets its own weights here).
+
+With `superres.model.lowres_input="pixels"` the transformer reads the low-res image instead of
+the token ids: the real low-res tokens decoded by the decoder that makes the base stage's pixels
+at sampling time (the base decoder's, stage 3, when the config has that stage; else the
+tokenizer's own), so that training sees what sampling will give it.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from muse_jax import stages
 from muse_jax.models import factory
 from muse_jax.sampling.sampler import SuperResSampler
 from muse_jax.stages import has_cascade  # noqa: F401  (re-exported)
@@ -38,11 +43,19 @@ class SuperResStage(BaseStage):
 
     def build_sampler(self) -> SuperResSampler:
         return SuperResSampler(
-            self.transformer, self.text_encoder, self.hr_tokenizer, self.stage_config.sampling
+            self.transformer,
+            self.text_encoder,
+            self.hr_tokenizer,
+            self.stage_config.sampling,
+            self.tokenizer,
         )
 
+    @property
+    def reads_pixels(self) -> bool:
+        return self.transformer.lowres_input == "pixels"
+
     def init_inputs(self) -> dict[str, jax.Array]:
-        return {"lowres_tokens": jnp.zeros((1, self.transformer.lowres_len), jnp.int32)}
+        return {"lowres": self.transformer.lowres_example()}
 
     def frozen(self, mesh, axis_rules, abstract: bool = False) -> Any:
         frozen = super().frozen(mesh, axis_rules, abstract)
@@ -52,7 +65,24 @@ class SuperResStage(BaseStage):
         if not abstract:
             print(f"[{self.name}] using superres_tokenizer checkpoint step {step}", flush=True)
         frozen["superres_tokenizer"] = params["vq"]
+        if self.reads_pixels:
+            frozen["lowres_decoder"] = self._lowres_decoder(frozen, mesh, axis_rules, abstract)
         return frozen
+
+    def _lowres_decoder(self, frozen, mesh, axis_rules, abstract: bool) -> Any:
+        """The decoder that makes the base stage's pixels: the base decoder's when the config
+        trains one (the same shapes as the tokenizer's: abstract, nothing is read)."""
+        if abstract or "base_decoder" not in stages.enabled(self.config):
+            return frozen["tokenizer"]["decoder"]
+        params, step = stage.load_trained(
+            self.config, self.workdir, "base_decoder", mesh, axis_rules
+        )
+        print(f"[{self.name}] low-res images from base_decoder checkpoint step {step}", flush=True)
+        return params["decoder"]
+
+    def lowres_vq(self, frozen: Any) -> Any:
+        """The low-res tokenizer with the decoder the low-res images come from."""
+        return {**frozen["tokenizer"], "decoder": frozen["lowres_decoder"]}
 
     def targets(
         self, batch: dict[str, jax.Array], frozen: Any
@@ -65,11 +95,17 @@ class SuperResStage(BaseStage):
             batch["image_hr"],
             method=self.hr_tokenizer.tokenize,
         )
-        return jax.lax.stop_gradient(high), {"lowres_tokens": jax.lax.stop_gradient(low)}
+        if self.reads_pixels:
+            low = self.tokenizer.apply(
+                {"params": self.lowres_vq(frozen)}, low, method=self.tokenizer.decode_ids
+            )
+        return jax.lax.stop_gradient(high), {"lowres": jax.lax.stop_gradient(low)}
 
     def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
         params = super().sampler_params(trained, frozen)
         params["vq"] = frozen["superres_tokenizer"]
+        if self.reads_pixels:
+            params["lowres_vq"] = self.lowres_vq(frozen)
         return params
 
     def write_summaries(self, state, frozen, writer, step: int):
