@@ -304,7 +304,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             cond_dropout=0.1,  # Drops the text only: the low-res tokens are always given.
             label_smoothing=0.1,
             # Batch 8 at lr 2e-3 as for the base stage: more, smaller steps in the same minutes.
-            train=_train(batch_size=8, num_steps=900, lr=2e-3),
+            # 800 steps: reading pixels it learns sooner (masked accuracy about 0.80 by step
+            # 750), and decoding its low-res input costs time the main job's 15 minutes lack.
+            train=_train(batch_size=8, num_steps=800, lr=2e-3),
             # Its own decoding settings (the paper: ~24 base steps, ~8 super-res steps).
             sampling=ml_collections.ConfigDict(
                 dict(
