@@ -136,7 +136,8 @@ def load(
     With `cascade`, the super-res stage and high-res tokenizer are required; the fine-tuned
     decoder is used when the reader has one (otherwise the tokenizer's own decoder decodes).
     Likewise the base decoder (`muse_jax.train.base_decoder_stage`) decodes the base stage's
-    tokens when the reader has one.
+    tokens when the reader has one; a super-res stage that reads pixels
+    (`superres.model.lowres_input="pixels"`) gets that same low-res image.
     `reader` None: an abstract model, every parameter a `jax.ShapeDtypeStruct` with its
     sharding on `mesh` (default: the config's mesh on this host's devices), the fine-tuned
     decoder included; nothing is read. `muse_jax.aot` compiles its samplers.
