@@ -142,7 +142,7 @@ def abstract_params(config, components: tuple[str, ...] = COMPONENTS) -> dict[st
                 jnp.zeros((1, high.seq_len), jnp.int32),
                 jnp.zeros((1, t, factory.text_width(config))),
                 jnp.ones((1, t), jnp.int32),
-                jnp.zeros((1, high.lowres_len), jnp.int32),
+                high.lowres_example(),
             )["params"]
 
         out["superres"] = jax.eval_shape(init_superres, rng)

@@ -30,7 +30,14 @@ def test_sampling_reads_parameters_only(trained_cascade, tmp_path):
     shutil.copytree(source, workdir)
     removed = glob.glob(os.path.join(workdir, "*", "checkpoints", "*", "train_state"))
     stages = {p.split(os.sep)[-4] for p in removed}
-    assert stages == {"tokenizer", "base", "superres_tokenizer", "superres", "decoder"}
+    assert stages == {
+        "tokenizer",
+        "base",
+        "base_decoder",
+        "superres_tokenizer",
+        "superres",
+        "decoder",
+    }
     for path in removed:
         shutil.rmtree(path)
     np.testing.assert_array_equal(

@@ -118,6 +118,7 @@ def test_exported_model_samples_bit_identically_to_the_workdir(exported):
     assert names == [
         "README.md",
         "base.safetensors",
+        "base_decoder.safetensors",
         "config.json",
         "decoder.safetensors",
         "superres.safetensors",
@@ -129,6 +130,7 @@ def test_exported_model_samples_bit_identically_to_the_workdir(exported):
     assert manifest["stages"] == "cascade" and set(manifest["components"]) == {
         "tokenizer",
         "base",
+        "base_decoder",
         "superres_tokenizer",
         "superres",
         "decoder",

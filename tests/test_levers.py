@@ -27,7 +27,9 @@ def _inputs(model, rng, lowres=False):
     ctx = jax.random.normal(k2, (2, 5, 32))
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.int32)
     args = [tokens, ctx, mask]
-    if lowres:
+    if lowres and model.lowres_input == "pixels":  # The low-res image.
+        args.append(jax.random.uniform(k3, model.lowres_example(2).shape, minval=-1, maxval=1))
+    elif lowres:
         args.append(jax.random.randint(k3, (2, model.lowres_len), 0, model.lowres_vocab_size))
     return args
 
