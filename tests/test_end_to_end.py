@@ -143,7 +143,7 @@ def test_sample_binary_runs_the_cascade_by_default(trained_cascade, tmp_path):
     assert np.asarray(Image.open(out / "sample_000.png")).shape == (hr, hr, 3)
     record = json.loads((out / "samples.json").read_text())
     assert record["stages"] == "cascade" and record["image_size"] == hr
-    assert record["steps"] == {"base": 6, "superres": 6, "decoder": 6}
+    assert record["steps"] == {"base": 6, "base_decoder": 6, "superres": 6, "decoder": 6}
     assert set(record["base_alignment"]) >= {"color", "shape"}
     base_grid = np.asarray(Image.open(out / "grid_base.png"))
     s = 128 // lr  # The base stage's own samples, in the same enlarged grid layout.
