@@ -314,6 +314,33 @@ def test_decoder_finetuning_starts_as_the_plain_decoder_and_trains_only_the_deco
 
 
 @pytest.mark.slow
+def test_super_res_trains_on_the_low_res_image_the_loaded_model_gives_it(trained_cascade):
+    """Training's low-res input (`SuperResStage.targets`) is, to the bit, what the model loaded
+    for inference feeds its transformer for the same tokens: the base decoder's image, not the
+    plain tokenizer decoder's."""
+    from muse_jax.inference import model as model_lib
+
+    config, workdir = trained_cascade
+    stage = SuperResStage(config, workdir)
+    mesh, rules = parallel.create_mesh(config), parallel.rules(config)
+    frozen = stage.frozen(mesh, rules)
+    batch = next(
+        tasks.batches(
+            config, workdir, split="test", batch_size=4, seed=0, shuffle=False,
+            images=stage.image_keys,
+        )
+    )  # fmt: skip
+    _, inputs = stage.targets(batch, frozen)
+    tk = stage.tokenizer
+    ids = tk.apply({"params": frozen["tokenizer"]}, batch["image"], method=tk.tokenize)
+    model = model_lib.from_workdir(config, workdir, stages="cascade")
+    served = model.superres_sampler.lowres_input(model.params["superres"], ids)
+    np.testing.assert_array_equal(np.asarray(inputs["lowres"]), np.asarray(served))
+    plain = tk.apply({"params": frozen["tokenizer"]}, ids, method=tk.decode_ids)
+    assert np.abs(np.asarray(served) - np.asarray(plain)).max() > 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["superres", "decoder"])
 def test_new_stages_resume_exactly_where_they_stopped(trained_cascade, tmp_path, name):
     """Stopped at step 3 and resumed to 5 == trained straight to 5, to the bit."""

@@ -146,8 +146,9 @@ class MuseSampler:
             {"params": params["text_encoder"]}, text["text_ids"], text["text_mask"]
         )
 
-    def _lowres_input(self, params: dict[str, Any], lowres_tokens: Any) -> Any:
-        """What the transformer reads of the low-res tokens (super-res samplers)."""
+    def lowres_input(self, params: dict[str, Any], lowres_tokens: Any) -> Any:
+        """What the transformer reads of the low-res tokens: the tokens themselves here; a
+        super-res sampler reading pixels decodes them (traceable: training calls it too)."""
         return lowres_tokens
 
     def _context(self, tp: dict[str, Any], ctx: jax.Array, ctx_mask: jax.Array, lowres: Any):
@@ -170,7 +171,7 @@ class MuseSampler:
         chex.assert_trees_all_equal_shapes(cond, uncond)
         cfg, tr = settings or self.settings, self.transformer
         tp = {"params": params["transformer"]}
-        lowres_tokens = self._lowres_input(params, lowres_tokens)
+        lowres_tokens = self.lowres_input(params, lowres_tokens)
         if cfg.guided:
             text = _concat(cond, uncond)
             if lowres_tokens is not None:  # Both branches see the same low-res tokens.
@@ -313,7 +314,9 @@ class SuperResSampler(MuseSampler):
     def reads_pixels(self) -> bool:
         return getattr(self.transformer, "lowres_input", "tokens") == "pixels"
 
-    def _lowres_input(self, params, lowres_tokens):
+    def lowres_input(self, params, lowres_tokens):
+        """The low-res tokens decoded with `params['lowres_vq']` when the transformer reads
+        pixels; the super-res stage builds its training inputs with this same call."""
         if not self.reads_pixels or lowres_tokens is None:
             return lowres_tokens
         tk = self.lowres_tokenizer

@@ -52,7 +52,7 @@ class SuperResStage(BaseStage):
 
     @property
     def reads_pixels(self) -> bool:
-        return self.transformer.lowres_input == "pixels"
+        return self.sampler.reads_pixels
 
     def init_inputs(self) -> dict[str, jax.Array]:
         return {"lowres": self.transformer.lowres_example()}
@@ -95,10 +95,8 @@ class SuperResStage(BaseStage):
             batch["image_hr"],
             method=self.hr_tokenizer.tokenize,
         )
-        if self.reads_pixels:
-            low = self.tokenizer.apply(
-                {"params": self.lowres_vq(frozen)}, low, method=self.tokenizer.decode_ids
-            )
+        if self.reads_pixels:  # The image the sampler gives the transformer, made the same way.
+            low = self.sampler.lowres_input({"lowres_vq": self.lowres_vq(frozen)}, low)
         return jax.lax.stop_gradient(high), {"lowres": jax.lax.stop_gradient(low)}
 
     def sampler_params(self, trained: Any, frozen: Any) -> dict[str, Any]:
