@@ -98,6 +98,61 @@ def test_maskfree_changes_at_most_the_fraction_per_iteration():
     assert pick.sum(-1).tolist() == [4, 4] and pick[:, :4].all()
 
 
+class _RimStage(_FakeStage):
+    """A base stage whose decoder gives token 1 (an object's rim) the colour of its neighbours,
+    as a convolutional decoder can: the rim keeps its id when the object is recoloured, yet
+    decodes in the new colour. Its sampler fills masked tokens with id 3 (the new colour)."""
+
+    def tokenize(self, images):
+        ids = np.zeros((len(images), 16), int)
+        ids[:, 5], ids[:, 6] = 2, 1  # Object (colour 2) with its rim to its right.
+        return ids
+
+    def sample(self, init_tokens, cond, uncond, rng, lower=None):
+        tokens = np.where(init_tokens == self.mask_id, 3, init_tokens)
+        return types.SimpleNamespace(tokens=tokens, images=self.decode(tokens))
+
+    def decode(self, tokens):
+        grid = tokens.reshape(-1, 4, 4).astype(np.float32)
+        left = np.pad(grid, ((0, 0), (0, 0), (1, 0)))[:, :, :-1]
+        value = np.where(grid == 1, left, grid) / 2  # The rim takes its left neighbour's colour.
+        return np.repeat(np.repeat(value, 2, 1), 2, 2)[..., None].repeat(3, -1)
+
+
+class _RedrawStage(_FakeStage):
+    """A super-res stage that draws every token it re-generates as 0.9."""
+
+    def sample(self, init_tokens, cond, uncond, rng, lower=None):
+        redrawn = np.repeat(np.repeat((init_tokens == self.mask_id).reshape(-1, 4, 4), 2, 1), 2, 2)
+        return types.SimpleNamespace(
+            tokens=init_tokens, images=np.where(redrawn[..., None], 0.9, -1.0).repeat(3, -1)
+        )
+
+
+def test_maskfree_redraws_pixels_whose_decoding_changed_though_their_token_did_not():
+    """Recolouring the object (token 5: 2 -> 3) keeps the rim's id (token 6) but changes its
+    decoded colour, so the cascade re-draws the rim's pixels too: kept, they would show the old
+    colour beside the new. Tokens whose decoding did not change keep the input's pixels."""
+    base = _RimStage()
+    images = np.full((1, 8, 8, 3), -0.5, np.float32)
+    before, after = base.tokenize(images), base.tokenize(images)
+    after[:, 5] = 3
+    changed = editing.decoded_change(base, before, after)
+    assert np.flatnonzero(changed[0]).tolist() == [5, 6]
+
+    scores = np.zeros((1, 16))
+    scores[:, 5] = -1e9  # Only the object's token is re-sampled; the rim keeps its id.
+    res = editing.maskfree_edit(
+        [base, _RedrawStage()], images, {}, {}, jax.random.PRNGKey(0), iterations=1,
+        resample_fraction=1 / 16, score_fn=lambda tokens: scores, feather=0,
+    )  # fmt: skip
+    assert np.flatnonzero(res.token_masks[0][0]).tolist() == [5]  # Tokens that changed.
+    rim, obj, far = (slice(2, 4), slice(4, 6)), (slice(2, 4), slice(2, 4)), (slice(6, 8),) * 2
+    np.testing.assert_allclose(res.images[0][obj], 0.9)
+    np.testing.assert_allclose(res.images[0][rim], 0.9)  # Re-drawn, not the input's -0.5.
+    np.testing.assert_array_equal(res.images[0][far], -0.5)
+
+
 # --- With a (tiny) trained model: the real, jitted sampler. ------------------------------------
 
 

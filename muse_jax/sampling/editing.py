@@ -212,6 +212,10 @@ class TokenStage(Protocol):
         """Fills the `mask_id` positions of `init_tokens` -> `sampler.Sample`. `lower`: the
         previous stage's tokens (super-res); None for the base stage."""
 
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """int [B, grid * grid] -> float [B, S, S, 3] in [-1, 1] (mask-free editing through a
+        cascade only: where the base image changed)."""
+
 
 class SamplerStage:
     """A stage of the cascade from its sampler and params: the base stage's `MuseSampler`, or
@@ -221,7 +225,7 @@ class SamplerStage:
     def __init__(self, sampler, params: dict[str, Any], image_size: int, settings=None):
         self.sampler, self.params, self.image_size = sampler, params, image_size
         self.settings = settings
-        self._log_probs = None
+        self._log_probs = self._decode = None
         self.mask_id = sampler.transformer.vocab_size
         self.grid = int(round(sampler.transformer.seq_len**0.5))
         tok = sampler.tokenizer
@@ -232,6 +236,11 @@ class SamplerStage:
     def tokenize(self, images: np.ndarray) -> np.ndarray:
         chex.assert_shape(images, (None, self.image_size, self.image_size, 3))
         return np.asarray(self._tokenize(self.params["vq"], jnp.asarray(images)))
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        if self._decode is None:
+            self._decode = jax.jit(self.sampler.decode_pixels)
+        return np.asarray(self._decode(self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
 
     def token_log_probs(self, tokens, cond) -> np.ndarray:
         """[B, L] `MuseSampler.token_log_probs` of this stage's tokens (the base stage's)."""
@@ -348,6 +357,25 @@ def choose_resample(
     return np.asarray(chosen)
 
 
+# A base token's pixels count as changed when the decoded image moved by more than this (of 2,
+# the [-1, 1] range: 32 of 255) anywhere in its patch.
+DECODED_CHANGE = 0.25
+
+
+def decoded_change(stage: TokenStage, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """bool [B, L]: the tokens whose patch of the decoded image differs between two token grids.
+
+    The decoder is convolutional, so a token that keeps its id can still decode differently
+    among changed neighbours: a code for the rim of an object takes its colour from them. A
+    mask-free edit that kept the input's pixels under every unchanged token left patches of the
+    old colour on a recoloured object (BENCHMARKS.md, "Quality ablations": edit success).
+    """
+    a, b = stage.decode(before), stage.decode(after)
+    n, s, g = a.shape[0], a.shape[1], stage.grid
+    diff = np.abs(a - b).max(-1).reshape(n, g, s // g, g, s // g).max(axis=(2, 4))
+    return diff.reshape(n, g * g) > DECODED_CHANGE
+
+
 # Mask-free editing's default share of the base tokens re-sampled per round: at 0.75 shape and
 # position edits succeed far more often than at 0.25 or 0.5; smaller keeps more of the input
 # (BENCHMARKS.md, "Quality ablations": edit success and footprint).
@@ -408,8 +436,9 @@ def maskfree_edit(
         ever |= remask
         current, decoded = new, np.asarray(out.images, np.float32)
     tokens, inputs, masks = [current], [ids], [current != ids]
-    if len(stages) > 1:  # Super-res: re-generate where the base changed, conditioned on it.
-        pixel = token_mask_to_pixels(masks[0], base.grid, images.shape[1])
+    if len(stages) > 1:  # Super-res: re-generate where the base image changed, conditioned on it.
+        region = masks[0] | decoded_change(base, ids, current)
+        pixel = token_mask_to_pixels(region, base.grid, images.shape[1])
         rest = edit_with_mask(
             stages[1:], images, pixel, cond, uncond, rng, feather=feather, lower=current
         )
