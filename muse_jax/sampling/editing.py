@@ -400,7 +400,8 @@ def maskfree_edit(
     Each round re-masks round(resample_fraction * L) of the current tokens (uniformly, or
     biased to low `score_fn(tokens) -> [B, L]` scores) and fills them with the same sampler
     call as generation, so at most that many tokens change per round. Higher stages then
-    re-generate the pixels covered by the base tokens that changed (a masked edit).
+    re-generate, as a masked edit, the pixels of the base tokens that changed and of those whose
+    decoded patch changed with their neighbours (`decoded_change`); the rest keep the input's.
 
     `critic` > 0 (without a `score_fn`) biases the choice by the refinement's self-critic
     (`critic` * `MuseSampler.token_log_probs` under the edit's prompt): tokens that fit the rest
