@@ -354,7 +354,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             temperature=1.0,
             temperature_final=0.5,  # Token temperature anneals linearly to this.
             choice_temperature=4.5,  # Gumbel noise on confidences, annealed to 0.
-            guidance_scale=3.0,
+            # 2 rather than 3 since the base decoder and refinement: two-object and held-out
+            # prompts draw better, seen ones as well (BENCHMARKS.md, "Quality ablations").
+            guidance_scale=2.0,
             guidance_schedule="linear",  # "linear" ramps 0 -> scale over the steps; or "constant".
             negative_prompt="",
             # Self-critic refinement (muse_jax/sampling/self_critic.py): after decoding, this

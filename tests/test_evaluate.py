@@ -260,7 +260,7 @@ def test_binary_writes_json_and_the_same_scalars_at_the_checkpoint_step(cascade_
     assert values["clip_score_01"] == pytest.approx(values["clip_score"] / 100)
     assert set(record["wall_s"]) == {"load", "generate", "alignment", "clip", "fid"}
     assert set(record["s_per_1k_images"]) == {"generate", "alignment", "clip", "fid"}
-    assert record["sampling"]["guidance_scale"] == 3.0 and "superres_sampling" in record
+    assert record["sampling"]["guidance_scale"] == 2.0 and "superres_sampling" in record
     scalars = summaries.read_scalars(run_dir)
     for name, value in values.items():
         assert scalars[f"eval/{name}"] == {6: pytest.approx(value, rel=1e-6, abs=1e-7)}
