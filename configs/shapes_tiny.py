@@ -246,9 +246,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dict(
             redraw_max=0.5,
             temperature=1.0,  # Of the re-drawing step's tokens.
-            # The tokenizer's pixel terms; no discriminator is trained here.
+            # The tokenizer's pixel terms, and its patch discriminator when adversarial_weight
+            # > 0 (off: at 0.1 it lifted seen and held-out prompts in a prototype, but cost 135 s
+            # against 82 s for 600 steps, over the stage's cap; BENCHMARKS.md, "Quality ablations").
             loss=ml_collections.ConfigDict(
-                {k: config.tokenizer.loss[k] for k in ("l1_weight", "l2_weight", "edge_weight")}
+                {
+                    k: config.tokenizer.loss[k]
+                    for k in (
+                        "l1_weight",
+                        "l2_weight",
+                        "edge_weight",
+                        "adversarial_weight",
+                        "disc_channels",
+                    )
+                }
             ),
             train=_train(batch_size=32, num_steps=600, lr=1e-3),
         )

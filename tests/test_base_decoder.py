@@ -53,8 +53,8 @@ def test_loss_terms_it_would_ignore_are_refused(tmp_path):
 
     config = shapes_tiny.get_config("smoke")
     assert set(config.base_decoder.loss) == set(BaseDecoderStage.loss_keys)
-    config.base_decoder.loss.adversarial_weight = 0.1  # No discriminator is trained here.
-    with pytest.raises(UsageError, match="adversarial_weight"):
+    config.base_decoder.loss.codebook_weight = 1.0  # The codebook is frozen here.
+    with pytest.raises(UsageError, match="codebook_weight"):
         BaseDecoderStage(config, str(tmp_path))
 
 
@@ -116,3 +116,31 @@ def test_trained_base_decoder_starts_from_the_tokenizer_and_sampling_uses_it(
     assert np.array_equal(c.lowres_tokens, d.lowres_tokens)
     assert not np.array_equal(c.lowres_array, d.lowres_array)
     assert not np.array_equal(c.tokens, d.tokens)
+
+
+def test_adversarial_weight_trains_a_discriminator_beside_the_decoder(trained_cascade, tmp_path):
+    from muse_jax import stages
+    from muse_jax.inference.pipeline import MusePipeline
+    from muse_jax.train import trainer
+
+    config, source = trained_cascade
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(stages.stage_dir(config, workdir, "base_decoder"))
+    plain = trainer.train(config, workdir, "base_decoder")
+    plain_pipe = MusePipeline.from_workdir(config, workdir, stages="base")
+    plain_images = plain_pipe(["a red circle"], seed=1)
+    assert "d_loss" not in plain.metrics
+
+    shutil.rmtree(stages.stage_dir(config, workdir, "base_decoder"))
+    config = config.copy_and_resolve_references()
+    config.base_decoder.loss.adversarial_weight = 1.0
+    result = trainer.train(config, workdir, "base_decoder")
+    assert result.step == config.base_decoder.train.num_steps
+    # Its hinge terms are trained and logged; sampling loads the decoder beside it.
+    assert np.isfinite(result.metrics["d_loss"]) and "g_adv" in result.metrics
+    pipe = MusePipeline.from_workdir(config, workdir, stages="base")
+    assert pipe.trained_steps["base_decoder"] == config.base_decoder.train.num_steps
+    adv_images = pipe(["a red circle"], seed=1)
+    assert np.array_equal(plain_images.tokens, adv_images.tokens)
+    assert not np.array_equal(plain_images.array, adv_images.array)

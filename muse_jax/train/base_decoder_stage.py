@@ -7,7 +7,9 @@ real image's encoding holds), and the plain decoder renders those as blobs betwe
 most often on small objects. Here the encoder and codebook stay frozen and the decoder learns
 to map grids with part of their tokens re-drawn by the frozen base transformer (a uniform share
 in [0, `redraw_max`] of each grid masked and filled in one step, conditioned on the caption)
-back to the real image. Step 0 is the plain decoder. The sampler decodes the base stage's
+back to the real image, with the tokenizer's pixel losses and, when `loss.adversarial_weight`
+> 0, its hinge patch discriminator (which pushes a grid between two shapes towards one of them
+rather than their average). Step 0 is the plain decoder. The sampler decodes the base stage's
 tokens with it (`muse_jax.inference.model.load`); the super-res stage still reads those tokens
 as drawn (handing it the new decoder's image re-encoded lost held-out pairs: BENCHMARKS.md).
 """
@@ -29,7 +31,7 @@ from muse_jax.train import losses, stage, summaries
 from muse_jax.train.base_stage import BaseStage, load_tokenizer_params
 from muse_jax.train.decoder_stage import merge_matching
 from muse_jax.train.state import TrainState
-from muse_jax.train.tokenizer_stage import reconstruction_loss
+from muse_jax.train.tokenizer_stage import make_discriminator, reconstruction_loss
 
 
 def redraw(
@@ -59,7 +61,7 @@ class BaseDecoderStage(BaseStage):
     """Reads the base stage's training batches (images and captions) and its frozen weights."""
 
     name = "base_decoder"
-    loss_keys = ("l1_weight", "l2_weight", "edge_weight")  # Pixel terms; no discriminator.
+    loss_keys = ("l1_weight", "l2_weight", "edge_weight", "adversarial_weight", "disc_channels")
 
     def __init__(self, config, workdir: str, conditioner=None):
         super().__init__(config, workdir, conditioner)
@@ -67,13 +69,20 @@ class BaseDecoderStage(BaseStage):
         if ignored:
             raise UsageError(
                 f"base_decoder.loss has {', '.join(ignored)}: this stage trains the decoder on "
-                f"pixel losses only; valid keys: {', '.join(self.loss_keys)}."
+                f"pixel and discriminator losses only; valid keys: {', '.join(self.loss_keys)}."
             )
+        loss = self.stage_config.loss
+        adversarial = loss.get("adversarial_weight", 0.0) > 0
+        if adversarial and "disc_channels" not in loss:
+            raise UsageError("base_decoder.loss.adversarial_weight > 0 needs disc_channels.")
+        self.disc = make_discriminator(loss) if adversarial else None
 
     def init(self, rng: jax.Array) -> TrainState:
         size = self.config.data.image_size
         x = jnp.zeros((1, size, size, 3), jnp.float32)
         params = {"decoder": self.tokenizer.init(rng, x)["params"]["decoder"]}
+        if self.disc is not None:  # Trained beside the decoder; sampling reads the decoder only.
+            params["disc"] = self.disc.init(jax.random.fold_in(rng, 2), x)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -133,7 +142,7 @@ class BaseDecoderStage(BaseStage):
             recon = self.tokenizer.apply(
                 {"params": self._vq(params, frozen)}, mixed, method=self.tokenizer.decode_ids
             )
-            return reconstruction_loss(cfg.loss, None, params, recon, x, 1.0)
+            return reconstruction_loss(cfg.loss, self.disc, params, recon, x, 1.0)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         params, opt_state, grad_norm = stage.apply_gradients(self.tx, state, grads)
