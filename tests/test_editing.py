@@ -137,7 +137,7 @@ def test_maskfree_redraws_pixels_whose_decoding_changed_though_their_token_did_n
     images = np.full((1, 8, 8, 3), -0.5, np.float32)
     before, after = base.tokenize(images), base.tokenize(images)
     after[:, 5] = 3
-    changed = editing.decoded_change(base, before, after)
+    changed = editing.decoded_change(base.decode(before), base.decode(after), base.grid)
     assert np.flatnonzero(changed[0]).tolist() == [5, 6]
 
     scores = np.zeros((1, 16))

@@ -214,7 +214,7 @@ class TokenStage(Protocol):
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int [B, grid * grid] -> float [B, S, S, 3] in [-1, 1] (mask-free editing through a
-        cascade only: where the base image changed)."""
+        cascade only: the input's tokens, to find where the base image changed)."""
 
 
 class SamplerStage:
@@ -362,18 +362,17 @@ def choose_resample(
 DECODED_CHANGE = 0.25
 
 
-def decoded_change(stage: TokenStage, before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """bool [B, L]: the tokens whose patch of the decoded image differs between two token grids.
+def decoded_change(before: np.ndarray, after: np.ndarray, grid: int) -> np.ndarray:
+    """bool [B, grid * grid]: the tokens whose patch differs between two decoded images (float
+    [B, S, S, 3] in [-1, 1]) by more than `DECODED_CHANGE` in some pixel.
 
     The decoder is convolutional, so a token that keeps its id can still decode differently
     among changed neighbours: a code for the rim of an object takes its colour from them. A
     mask-free edit that kept the input's pixels under every unchanged token left patches of the
     old colour on a recoloured object (BENCHMARKS.md, "Quality ablations": edit success).
     """
-    a, b = stage.decode(before), stage.decode(after)
-    n, s, g = a.shape[0], a.shape[1], stage.grid
-    diff = np.abs(a - b).max(-1).reshape(n, g, s // g, g, s // g).max(axis=(2, 4))
-    return diff.reshape(n, g * g) > DECODED_CHANGE
+    chex.assert_equal_shape((before, after))
+    return token_mask(np.abs(after - before).max(-1) > DECODED_CHANGE, grid)
 
 
 # Mask-free editing's default share of the base tokens re-sampled per round: at 0.75 shape and
@@ -438,7 +437,8 @@ def maskfree_edit(
         current, decoded = new, np.asarray(out.images, np.float32)
     tokens, inputs, masks = [current], [ids], [current != ids]
     if len(stages) > 1:  # Super-res: re-generate where the base image changed, conditioned on it.
-        region = masks[0] | decoded_change(base, ids, current)
+        # `decoded` is the last round's sample: `current` decoded by the base stage.
+        region = masks[0] | decoded_change(base.decode(ids), decoded, base.grid)
         pixel = token_mask_to_pixels(region, base.grid, images.shape[1])
         rest = edit_with_mask(
             stages[1:], images, pixel, cond, uncond, rng, feather=feather, lower=current
