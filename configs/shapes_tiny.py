@@ -135,9 +135,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             hr_image_size=64,
             num_train=20000,
             num_test=1000,
-            # Half the scenes hold two small objects: at 0.3 the base stage drew their shapes
-            # right far less often (BENCHMARKS.md, "Quality ablations").
-            two_object_prob=0.5,
+            # 0.6 of the scenes hold two small objects: at 0.3 the base stage drew their shapes
+            # right far less often, and at 0.7 it lost held-out colour-shape pairs, which are
+            # single-object scenes (BENCHMARKS.md, "Quality ablations").
+            two_object_prob=0.6,
             held_out=list(HELD_OUT),
             text_length=16,
             # "shapes" (a word-level SentencePiece model trained here), "byte", or the path of a
