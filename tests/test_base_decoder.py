@@ -58,6 +58,17 @@ def test_loss_terms_it_would_ignore_are_refused(tmp_path):
         BaseDecoderStage(config, str(tmp_path))
 
 
+def test_a_discriminator_without_its_width_is_refused(tmp_path):
+    from muse_jax.train.base_decoder_stage import BaseDecoderStage
+
+    config = shapes_tiny.get_config("smoke")
+    del config.base_decoder.loss.disc_channels
+    BaseDecoderStage(config, str(tmp_path))  # Off (weight 0): pixel terms need no width.
+    config.base_decoder.loss.adversarial_weight = 0.1
+    with pytest.raises(UsageError, match=r"base_decoder\.loss\.adversarial_weight > 0 needs"):
+        BaseDecoderStage(config, str(tmp_path))
+
+
 def test_summary_psnr_clips_the_reconstruction():
     from muse_jax.train import summaries
 

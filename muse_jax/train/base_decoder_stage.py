@@ -71,11 +71,7 @@ class BaseDecoderStage(BaseStage):
                 f"base_decoder.loss has {', '.join(ignored)}: this stage trains the decoder on "
                 f"pixel and discriminator losses only; valid keys: {', '.join(self.loss_keys)}."
             )
-        loss = self.stage_config.loss
-        adversarial = loss.get("adversarial_weight", 0.0) > 0
-        if adversarial and "disc_channels" not in loss:
-            raise UsageError("base_decoder.loss.adversarial_weight > 0 needs disc_channels.")
-        self.disc = make_discriminator(loss) if adversarial else None
+        self.disc = make_discriminator(self.stage_config.loss, self.name)
 
     def init(self, rng: jax.Array) -> TrainState:
         size = self.config.data.image_size

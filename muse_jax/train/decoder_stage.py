@@ -49,7 +49,7 @@ class DecoderStage(stage.Stage):
         super().__init__(config, workdir)
         self.model = factory.finetuned_decoder_vqgan(config)
         self.plain = factory.superres_tokenizer(config)
-        self.disc = make_discriminator(self.stage_config.loss)
+        self.disc = make_discriminator(self.stage_config.loss, self.name)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self.reconstruct = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
 

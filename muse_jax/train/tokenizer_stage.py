@@ -45,8 +45,14 @@ def reconstruction_loss(
     return loss, aux
 
 
-def make_discriminator(lc) -> PatchDiscriminator | None:
-    return PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
+def make_discriminator(lc, stage_name: str) -> PatchDiscriminator | None:
+    """The patch discriminator of a loss block `lc` whose `adversarial_weight` is > 0; None when
+    that weight is 0 or absent (a block with pixel terms only)."""
+    if lc.get("adversarial_weight", 0.0) <= 0:
+        return None
+    if "disc_channels" not in lc:
+        raise UsageError(f"{stage_name}.loss.adversarial_weight > 0 needs disc_channels.")
+    return PatchDiscriminator(lc.disc_channels)
 
 
 MASKGIT_PREFIX = "maskgit:"
@@ -59,7 +65,7 @@ class TokenizerStage(stage.Stage):
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
         self.model = self.build_model()
-        self.disc = make_discriminator(self.stage_config.loss)
+        self.disc = make_discriminator(self.stage_config.loss, self.name)
         self.tx = optim.make(self.train_config.optimizer, self.train_config.num_steps)
         self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
 
