@@ -248,8 +248,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             redraw_max=0.5,
             temperature=1.0,  # Of the re-drawing step's tokens.
             # The tokenizer's pixel terms, and its patch discriminator when adversarial_weight
-            # > 0 (off: at 0.1 it lifted seen and held-out prompts in a prototype, but cost 135 s
-            # against 82 s for 600 steps, over the stage's cap; BENCHMARKS.md, "Quality ablations").
+            # > 0 (off: it lifts the base stage's held-out pairs but lowers its seen prompts, and
+            # the cascade draws held-out pairs no better; BENCHMARKS.md, "Quality ablations").
             loss=ml_collections.ConfigDict(
                 {
                     k: config.tokenizer.loss[k]
