@@ -63,6 +63,7 @@ def test_a_discriminator_without_its_width_is_refused(tmp_path):
 
     config = shapes_tiny.get_config("smoke")
     del config.base_decoder.loss.disc_channels
+    config.base_decoder.loss.adversarial_weight = 0.0
     BaseDecoderStage(config, str(tmp_path))  # Off (weight 0): pixel terms need no width.
     config.base_decoder.loss.adversarial_weight = 0.1
     with pytest.raises(UsageError, match=r"base_decoder\.loss\.adversarial_weight > 0 needs"):
@@ -138,13 +139,14 @@ def test_adversarial_weight_trains_a_discriminator_beside_the_decoder(trained_ca
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     shutil.rmtree(stages.stage_dir(config, workdir, "base_decoder"))
+    config = config.copy_and_resolve_references()
+    config.base_decoder.loss.adversarial_weight = 0.0
     plain = trainer.train(config, workdir, "base_decoder")
     plain_pipe = MusePipeline.from_workdir(config, workdir, stages="base")
     plain_images = plain_pipe(["a red circle"], seed=1)
     assert "d_loss" not in plain.metrics
 
     shutil.rmtree(stages.stage_dir(config, workdir, "base_decoder"))
-    config = config.copy_and_resolve_references()
     config.base_decoder.loss.adversarial_weight = 1.0
     result = trainer.train(config, workdir, "base_decoder")
     assert result.step == config.base_decoder.train.num_steps
