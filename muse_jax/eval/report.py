@@ -29,12 +29,15 @@ def evaluate_alignment(config, workdir: str, cascade: bool = False) -> dict:
     n = config.eval.samples_per_prompt
     groups = prompt_groups(config.eval)
     every_prompt = [p for _, prompts in groups for p in prompts]
-    # One sampler call (one compilation) for every prompt, then split by prompt group.
+    # Sampler calls of at most eval.batch_size images (one compilation: a short last call is
+    # padded), then split by prompt group. One call for every image would hold every image's
+    # activations at once: memory grows with the sample count, and XLA:CPU faults in the
+    # larger buffers afresh on every call.
     pipe = MusePipeline.from_workdir(
         config,
         workdir,
         stages="cascade" if cascade else "base",
-        batch_size=n * len(every_prompt),
+        batch_size=min(n * len(every_prompt), int(config.eval.batch_size)),
     )
     steps = pipe.trained_steps
     step = steps["superres"] if cascade else steps["base"]
