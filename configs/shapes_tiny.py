@@ -468,7 +468,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Wall-clock caps that bound the main job on slower machines than the reference one: a
     # stage that reaches its budget stops there with a checkpoint (fewer steps,
     # a learning rate not yet decayed; rerunning resumes it). They sum to 15.2 min; on the
-    # 2-core machine of 2026-12-04 every stage ends before its cap and the job takes 14.7 min
+    # 2-core machine of 2026-12-05 every stage ends before its cap and the job takes 13.0 min
     # (BENCHMARKS.md, section "Embedded default, end to end (CPU)").
     config.tokenizer.train.time_budget_s = 200.0
     config.base.train.time_budget_s = 330.0
