@@ -394,8 +394,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             seen_prompts=list(SEEN_PROMPTS),
             held_out_prompts=list(HELD_OUT_PROMPTS),
             two_object_prompts=list(TWO_OBJECT_PROMPTS),
-            # 8 (336 images, 33 s more than 4 in the main job): at 4 one sample moves a
-            # two-object cell by 0.025, and a cell's draw-to-draw spread hid which stage was ahead.
+            # 8, not 4: at 4 one sample moves a two-object cell by 0.025, and a cell's spread
+            # between draws hid which stage was ahead (the cost: BENCHMARKS.md, "Embedded
+            # default, end to end").
             samples_per_prompt=8,
             # `python -m muse_jax.evaluate`: the metric plug-ins of muse_jax/eval/metrics.py to
             # run: "alignment" (shapes captions only), "clip" and "fid" (these two need the
@@ -408,8 +409,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             split="test",  # captions="dataset": the split the captions come from.
             num_images=1000,  # captions="dataset": how many captions (one image each).
             # Images per sampler call (`muse_jax.evaluate` and the main job's table): 168 makes
-            # two calls of the main job's 336 images, 23 s faster and 2 GB smaller at peak than
-            # one call of 336 (BENCHMARKS.md, "Embedded default, end to end").
+            # two calls of the main job's 336 images, faster and smaller at peak than one call
+            # of 336 (BENCHMARKS.md, "Embedded default, end to end").
             batch_size=168,
             # Sampling seed of the first call of each prompt group (call k: seed + k). Training
             # derives every random number from config.seed, and its sample summaries use seed 0.
